@@ -1,0 +1,1 @@
+"""RL with verifiable rewards on MATH: Negative / Positive Sample Reinforcement and W-REINFORCE."""
