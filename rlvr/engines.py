@@ -1,0 +1,143 @@
+"""Rollout engines: one small interface, an HF `generate` engine (CPU, tests) and vLLM (GPU).
+
+Both sample with exactly the requested temperature, top-p 1, top-k off and no repetition penalty.
+A model's own generation_config (Qwen2.5-Instruct ships top_k 20, top_p 0.8 and a repetition
+penalty) must never leak in, or the rollouts are not samples of the policy being trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from rlvr.modeling import autocast_ctx
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]        # exactly the sampled ids, including the EOS if one was emitted
+    text: str                   # decoded without special tokens, for grading
+    truncated: bool             # stopped by max_tokens rather than by an EOS
+    logprobs: list[float] | None = None  # the engine's post-temperature log-probs, if asked for
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 return_logprobs: bool = False) -> list[list[Completion]]:
+        """`n` completions for each prompt (token ids); temperature 0 means greedy."""
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Make the next `generate` sample from `policy`'s current weights."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory while the policy trains (no-op where unsupported)."""
+
+
+class HFEngine:
+    """Samples with the policy itself through `transformers.generate`: nothing to sync."""
+
+    name = "hf"
+
+    def __init__(self, policy: torch.nn.Module, tokenizer, eos_ids: list[int], seed: int):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.generator_seed = seed
+        self.calls = 0
+
+    def _generation_config(self, temperature: float, max_tokens: int, scores: bool):
+        from transformers import GenerationConfig
+
+        greedy = temperature == 0
+        # Every sampling knob is set explicitly: generate() fills unset (None) values first from
+        # the checkpoint's generation_config and then from global defaults (top_k 50).
+        return GenerationConfig(
+            do_sample=not greedy, temperature=1.0 if greedy else temperature, top_k=0, top_p=1.0,
+            min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, bad_words_ids=None,
+            suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+            forced_eos_token_id=None, max_new_tokens=max_tokens, min_new_tokens=0,
+            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
+            output_scores=scores, return_dict_in_generate=True,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False):
+        model = self.policy
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        # HF generate samples from the global RNG; seed it per call so a run is reproducible.
+        torch.manual_seed(self.generator_seed + self.calls)
+        self.calls += 1
+        flat = [p for p in prompts for _ in range(n)]
+        L = max(len(p) for p in flat)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(flat), L), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(flat):  # left padding: generation appends on the right
+            ids[i, L - len(p):] = torch.tensor(p)
+            attn[i, L - len(p):] = 1
+        from transformers import GenerationConfig
+
+        own_config = model.generation_config
+        model.generation_config = GenerationConfig()  # nothing of the checkpoint's to fall back on
+        try:
+            with autocast_ctx(device):
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=attn.to(device),
+                    generation_config=self._generation_config(temperature, max_tokens,
+                                                              return_logprobs),
+                )
+        finally:
+            model.generation_config = own_config
+            model.train(was_training)
+        new = out.sequences[:, L:].tolist()
+        step_logps = None
+        if return_logprobs:
+            # generate's `scores` are the processed (post-temperature) logits of each step
+            step_logps = torch.stack(out.scores, 1).float().log_softmax(-1)
+        completions = []
+        for i, toks in enumerate(new):
+            end = next((j + 1 for j, t in enumerate(toks) if t in self.eos_ids), None)
+            kept = toks if end is None else toks[:end]
+            lps = None
+            if step_logps is not None:
+                lps = step_logps[i, torch.arange(len(kept)), torch.tensor(kept)].tolist()
+            completions.append(Completion(
+                token_ids=kept,
+                text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                truncated=end is None, logprobs=lps,
+            ))
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def sync_weights(self, policy):
+        assert policy is self.policy, "the HF engine samples from the policy object itself"
+
+    def sleep(self):
+        pass
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def make_engine(backend: str, policy, tokenizer, model_dir: str, eos_ids: list[int], cfg):
+    """Build the engine the config asks for; 'auto' takes vLLM when CUDA and vLLM are present."""
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+    if backend == "hf":
+        return HFEngine(policy, tokenizer, eos_ids, cfg.seed)
+    if not vllm_available():
+        raise RuntimeError("--backend vllm needs a CUDA GPU and the vllm package")
+    from rlvr.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_dir, tokenizer, eos_ids, cfg)

@@ -1,0 +1,90 @@
+"""Run logging: TensorBoard scalars and text, the same scalars in metrics.jsonl, and provenance."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "vllm", "math-verify", "tensorboard", "accelerate", "gguf")
+
+
+def provenance(device: torch.device) -> dict:
+    """Where a run's numbers came from: code version, package versions, hardware."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "packages": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "command": " ".join(sys.argv),
+    }
+
+
+class RunLogger:
+    """Writes every scalar to TensorBoard and to metrics.jsonl, one JSON line per (step, group).
+
+    On resume from a checkpoint at step S, whatever a crashed process logged after S is removed:
+    TensorBoard hides it through `purge_step`, and metrics.jsonl is rewritten without it.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        purge = None
+        if resume_step is not None:
+            purge = resume_step + 1
+            self._truncate_metrics(resume_step)
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
+        self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _truncate_metrics(self, last_step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {}
+        for tag, value in metrics.items():
+            value = float(value)
+            clean[tag] = value if math.isfinite(value) else None
+            self.writer.add_scalar(tag, value, global_step=step)
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        self.writer.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, global_step=step)
+
+    def close(self) -> None:
+        self.writer.close()
+        self._jsonl.close()

@@ -1,0 +1,101 @@
+"""vLLM rollout engine colocated with the HF policy on one GPU (vLLM 0.25, V1 engine in-process).
+
+Weights are pushed in place through `collective_rpc` (same process, no serialisation, no disk), and
+the prefix cache is reset after every push: KV blocks computed with the old weights would otherwise
+be served to the new policy. With `--vllm_sleep`, the engine drops weights and KV cache (level 2)
+while the policy trains and wakes in the order weights -> sync -> KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from rlvr.engines import Completion
+
+# Must be set before vllm is imported: the in-process engine is what makes the model reachable
+# for the in-place weight push. The FlashInfer sampler is not available on the device here.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def _load_weights_on_worker(worker, weights):
+    """Runs inside the engine's worker (same process): copy tensors into the model in place."""
+    worker.get_model().load_weights(weights)
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, model_dir: str, tokenizer, eos_ids: list[int], cfg):
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.sleep_mode = cfg.vllm_sleep
+        self.asleep = False
+        max_model_len = cfg.max_prompt_tokens + max(cfg.max_tokens, cfg.eval_max_tokens or 0)
+        self.llm = LLM(
+            model=model_dir, dtype="bfloat16", gpu_memory_utilization=cfg.gpu_mem_util,
+            enable_prefix_caching=True, enable_sleep_mode=cfg.vllm_sleep,
+            max_model_len=max_model_len, seed=cfg.seed,
+            # the checkpoint's generation_config (top_k 20, top_p 0.8, ...) must not become the
+            # default sampling parameters
+            generation_config="vllm",
+            # log-probs of the distribution actually sampled from (after temperature)
+            logprobs_mode="processed_logprobs",
+        )
+        self.last_sync_s = 0.0
+
+    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False):
+        from vllm import SamplingParams
+
+        self._wake()
+        greedy = temperature == 0
+        sp = SamplingParams(
+            n=n, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=0, min_p=0.0,
+            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+            max_tokens=max_tokens, stop_token_ids=self.eos_ids, skip_special_tokens=True,
+            logprobs=0 if return_logprobs else None,
+        )
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        result = []
+        for out in outs:
+            group = []
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                lps = None
+                if return_logprobs and o.logprobs is not None:
+                    lps = [step[t].logprob for step, t in zip(o.logprobs, ids)]
+                group.append(Completion(token_ids=ids, text=o.text,
+                                        truncated=o.finish_reason == "length", logprobs=lps))
+            result.append(group)
+        return result
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        t0 = time.perf_counter()
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        # fp32 master weights -> bf16 copies; HF parameter names, which vLLM's loader maps.
+        weights = [(name, p.detach().to(torch.bfloat16)) for name, p in policy.named_parameters()]
+        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        del weights
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
+        torch.cuda.synchronize()
+        self.last_sync_s = time.perf_counter() - t0
+
+    def sleep(self) -> None:
+        if self.sleep_mode and not self.asleep:
+            # level 2 drops the weights too: the next sync rewrites all of them anyway
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        # level-2 sleep discarded the weights: generating before a sync would use garbage
+        if self.asleep:
+            raise RuntimeError("vLLM engine asleep without a weight sync; call sync_weights first")

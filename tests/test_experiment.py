@@ -1,0 +1,123 @@
+"""End to end: MATH_experiment.py on the HF engine with a tiny random model, then --resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_TAGS = [
+    "train/reward_mean", "train/samples_kept", "train/loss", "train/grad_norm", "train/entropy",
+    "train/clip_frac", "train/ratio_max", "train/response_len", "train/truncated_frac",
+    "train/no_signal_frac", "train/skipped_prompts", "eval/pass@1", "eval/pass@1_se",
+    "eval/pass@2", "time/rollout_s", "time/reward_s", "time/train_s", "time/sync_s",
+    "time/eval_s", "perf/tokens_per_s", "mem/peak_gb",
+]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "MATH_experiment.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def base_args(model_dir, data_dir, out_dir) -> list[str]:
+    return ["--backend", "hf", "--model_id", str(model_dir), "--objective", "W_REINFORCE",
+            "--rollout_batch_size", "8", "--rollouts_per_prompt", "2", "--max_tokens", "16",
+            "--eval_every", "1", "--eval_n", "2", "--eval_limit", "8", "--save_every", "1",
+            "--micro_batch_size", "4", "--max_prompt_tokens", "600", "--grader_workers", "1",
+            "--data_dir", str(data_dir), "--output_dir", str(out_dir), "--exp_name", "e2e"]
+
+
+def scalars(run_dir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli(*base_args(tiny_model_dir, tiny_data_dir, out), "--n_train_steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "e2e", proc
+
+
+def test_run_writes_tags_metrics_config_and_checkpoint(finished_run):
+    run_dir, proc = finished_run
+    tags = scalars(run_dir)
+    missing = [t for t in REQUIRED_TAGS if t not in tags]
+    assert not missing, missing
+    assert sorted(tags["train/loss"]) == [1, 2]
+    assert sorted(tags["eval/pass@1"]) == [0, 1, 2]  # before training, every step, final
+    assert any(t.startswith("eval/pass@1/level_") for t in tags)
+    assert any(t.startswith("eval/pass@1/") and "level" not in t and t != "eval/pass@1_se"
+               for t in tags)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines if "train/loss" in ln] == [1, 2]
+    assert lines[-1]["eval/pass@1"] == pytest.approx(tags["eval/pass@1"][2])
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["objective"] == "W_REINFORCE" and cfg["lambda_psr"] == 0.1
+    assert cfg["provenance"]["packages"]["torch"] and cfg["provenance"]["device"] == "cpu"
+    assert (run_dir / "checkpoints" / "step_2" / "state.pt").exists()
+    assert not (run_dir / "checkpoints" / "step_1").exists()  # only the latest is kept
+    assert (run_dir / "final_model" / "config.json").exists()
+    assert "step 2/2" in proc.stdout and "eval summary" in proc.stdout
+
+
+def test_final_model_loads_with_transformers(finished_run):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(finished_run[0] / "final_model")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_existing_run_dir_is_refused_without_resume(finished_run, tiny_model_dir, tiny_data_dir):
+    run_dir, _ = finished_run
+    proc = run_cli(*base_args(tiny_model_dir, tiny_data_dir, run_dir.parent),
+                   "--n_train_steps", "2")
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "--resume" in proc.stderr
+
+
+def test_resume_refuses_a_changed_training_setting(finished_run, tiny_model_dir, tiny_data_dir):
+    run_dir, _ = finished_run
+    proc = run_cli(*base_args(tiny_model_dir, tiny_data_dir, run_dir.parent),
+                   "--n_train_steps", "3", "--lr", "1e-5", "--resume")
+    assert proc.returncode != 0 and "--lr" in proc.stderr
+
+
+def test_resume_continues_at_step_3_and_purges_steps_of_a_crashed_process(
+        finished_run, tiny_model_dir, tiny_data_dir):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir, _ = finished_run
+    # a process that crashed after the step-2 checkpoint had already logged a step 3
+    w = SummaryWriter(str(run_dir))
+    w.add_scalar("train/loss", 999.0, 3)
+    w.close()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "train/loss": 999.0}) + "\n")
+
+    proc = run_cli(*base_args(tiny_model_dir, tiny_data_dir, run_dir.parent),
+                   "--n_train_steps", "3", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "from step 2" in proc.stdout and "step 3/3" in proc.stdout
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines if "train/loss" in ln] == [1, 2, 3]
+    assert all(ln.get("train/loss") != 999.0 for ln in lines)
+    tags = scalars(run_dir)
+    assert sorted(tags["train/loss"]) == [1, 2, 3] and tags["train/loss"][3] != 999.0
+    assert sorted(tags["eval/pass@1"]) == [0, 1, 2, 3]
+    assert (run_dir / "checkpoints" / "step_3" / "state.pt").exists()
+
+
+def test_missing_data_is_a_one_line_error_that_names_data_prep(tmp_path, tiny_model_dir):
+    proc = run_cli("--backend", "hf", "--model_id", str(tiny_model_dir), "--data_dir",
+                   str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "runs"))
+    assert proc.returncode != 0
+    assert "data_prep.py" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,93 @@
+"""Sign and plumbing of the update: PSR raises, NSR lowers the log-prob of its samples; tiny
+learning rates are not rounded away; several mini-batches make the clip act."""
+
+import pytest
+import torch
+
+from rlvr.modeling import collate, load_policy, token_logprobs
+from rlvr.objectives import compute_advantages
+from rlvr.training import UpdateBatch, compute_old_logprobs, make_optimizer, policy_update
+
+CPU = torch.device("cpu")
+PAD = 257
+# Fixed, teacher-forced rollouts: two prompts x two responses; sample 0 and 2 are "correct".
+PROMPTS = [[258, 10, 11, 12, 13], [258, 10, 11, 12, 13], [258, 20, 21, 22], [258, 20, 21, 22]]
+RESPONSES = [[30, 31, 32, 256], [40, 41, 42, 43, 256], [50, 51, 256], [60, 61, 62, 256]]
+CORRECT = torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+
+def sequence_logprobs(model) -> torch.Tensor:
+    b = collate(PROMPTS, RESPONSES, PAD, CPU)
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, b, 1.0)
+    return logp.sum(-1)
+
+
+def train(model, objective: str, lr: float, steps: int, mini_batch_size: int = 4,
+          clip_range: float = 0.2) -> list[dict]:
+    opt = make_optimizer(model, lr=lr, weight_decay=0.0)
+    adv, keep = compute_advantages(CORRECT, objective, lam=0.1, group_size=2)
+    batch = UpdateBatch(PROMPTS, RESPONSES, adv, keep)
+    gen = torch.Generator().manual_seed(0)
+    stats = []
+    for _ in range(steps):
+        old, _ = compute_old_logprobs(model, batch, 1.0, 2, PAD, CPU)
+        stats.append(policy_update(model, opt, batch, old, temperature=1.0, clip_range=clip_range,
+                                   mini_batch_size=mini_batch_size, micro_batch_size=2,
+                                   max_grad_norm=1.0, pad_id=PAD, device=CPU, generator=gen))
+    return stats
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    return load_policy(str(tiny_model_dir), CPU, gradient_checkpointing=True)
+
+
+def test_psr_raises_the_logprob_of_rewarded_responses(model):
+    before = sequence_logprobs(model)
+    stats = train(model, "PSR", lr=1e-2, steps=5)
+    after = sequence_logprobs(model)
+    assert all(s["n_updates"] == 1 for s in stats)
+    assert (after[[0, 2]] - before[[0, 2]] > 1.0).all(), (before, after)
+
+
+def test_nsr_lowers_the_logprob_of_penalised_responses(model):
+    before = sequence_logprobs(model)
+    train(model, "NSR", lr=1e-2, steps=5)
+    after = sequence_logprobs(model)
+    assert (after[[1, 3]] - before[[1, 3]] < -1.0).all(), (before, after)
+
+
+def test_updates_at_lr_1e_6_are_not_rounded_away(model):
+    w = model.model.layers[0].mlp.down_proj.weight
+    before = w.detach().clone()
+    train(model, "W_REINFORCE", lr=1e-6, steps=3)
+    changed = (w.detach() != before).float().mean().item()
+    assert changed > 0.99, changed
+    # the same update applied to bf16 weights would leave most entries unchanged
+    delta = w.detach() - before
+    bf16 = before.to(torch.bfloat16)
+    changed_bf16 = ((bf16.float() + delta).to(torch.bfloat16) != bf16).float().mean().item()
+    assert changed_bf16 < 0.5, changed_bf16
+
+
+def test_one_update_per_step_has_ratio_one_and_several_make_the_clip_act(model):
+    one = train(model, "REINFORCE", lr=1e-2, steps=1, mini_batch_size=4)[0]
+    assert one["ratio_max"] == pytest.approx(1.0, abs=1e-5) and one["clip_frac"] == 0.0
+    four = train(model, "REINFORCE", lr=5e-2, steps=1, mini_batch_size=1)[0]
+    assert four["n_updates"] == 4
+    assert four["clip_frac"] > 0.0 and abs(four["ratio_max"] - 1.0) > 0.2
+
+
+def test_a_minibatch_without_kept_samples_does_not_step(model):
+    opt = make_optimizer(model, lr=1e-2, weight_decay=0.01)
+    adv, keep = compute_advantages(torch.ones(4), "NSR")  # all correct -> nothing kept
+    batch = UpdateBatch(PROMPTS, RESPONSES, adv, keep)
+    before = [p.detach().clone() for p in model.parameters()]
+    old, _ = compute_old_logprobs(model, batch, 1.0, 2, PAD, CPU)
+    s = policy_update(model, opt, batch, old, temperature=1.0, clip_range=0.2,
+                      mini_batch_size=2, micro_batch_size=2, max_grad_norm=1.0, pad_id=PAD,
+                      device=CPU, generator=torch.Generator().manual_seed(0))
+    assert s["n_updates"] == 0 and s["skipped_empty_minibatches"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state  # AdamW never stepped, so weight decay never touched the weights
