@@ -9,7 +9,9 @@ rlvr/experiment.py.
 
 import sys
 
-from rlvr.experiment import main
-
 if __name__ == "__main__":
+    # Imported here, not at the top: the grader's spawned workers re-import this file as
+    # __mp_main__, and should not pay for torch and transformers.
+    from rlvr.experiment import main
+
     sys.exit(main())

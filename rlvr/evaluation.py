@@ -1,0 +1,113 @@
+"""Evaluation metrics: unbiased pass@k and per-subject / per-level summaries of sampled answers.
+
+Pure functions over 0/1 scores; generating and grading the samples happens elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from statistics import fmean, stdev
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    Evaluated as 1 - prod_{i=n-c+1}^{n} (1 - k/i) (Chen et al., 2021), which never forms the
+    huge binomials.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def ks_for(n: int) -> list[int]:
+    """The k of pass@k worth reporting for n samples per problem: 1, 2, 4, ... <= n."""
+    ks = []
+    k = 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    return ks
+
+
+def subject_slug(subject: str) -> str:
+    """Metric-name-safe subject: "Counting & Probability" -> "counting_and_probability"."""
+    slug = subject.lower().replace("&", " and ")
+    return re.sub(r"[^a-z0-9]+", "_", slug).strip("_")
+
+
+def summarize_eval(
+    correct: list[list[float]], subjects: list[str], levels: list[int | None]
+) -> dict[str, float]:
+    """Summary metrics of an evaluation; `correct[i]` holds the 0/1 scores of problem i's samples.
+
+    Every problem must have the same number of samples n. pass@1 is the mean over problems of the
+    per-problem accuracy; pass@1_se is its standard error over problems (the sampling noise of the
+    problem set, which is what matters when comparing runs); pass@k uses the unbiased estimator.
+    """
+    n_problems = len(correct)
+    if n_problems == 0:
+        raise ValueError("no problems to summarise")
+    if len(subjects) != n_problems or len(levels) != n_problems:
+        raise ValueError(
+            f"{n_problems} problems but {len(subjects)} subjects and {len(levels)} levels"
+        )
+    n = len(correct[0])
+    if n == 0 or any(len(scores) != n for scores in correct):
+        raise ValueError("every problem needs the same, non-zero number of samples")
+
+    accuracy = [fmean(scores) for scores in correct]
+    n_correct = [round(sum(scores)) for scores in correct]
+    out: dict[str, float] = {
+        "pass@1": fmean(accuracy),
+        "pass@1_se": stdev(accuracy) / math.sqrt(n_problems) if n_problems > 1 else 0.0,
+    }
+    for k in ks_for(n)[1:]:  # pass@1 is above, exactly the mean accuracy
+        out[f"pass@{k}"] = fmean(pass_at_k(n, c, k) for c in n_correct)
+
+    groups: defaultdict[str, list[float]] = defaultdict(list)
+    for acc, subject, level in zip(accuracy, subjects, levels, strict=True):
+        groups[f"pass@1/{subject_slug(subject)}"].append(acc)
+        groups["pass@1/level_" + ("unknown" if level is None else str(level))].append(acc)
+    for key in sorted(groups):
+        out[key] = fmean(groups[key])
+
+    out["n_problems"] = n_problems
+    out["n_samples_per_problem"] = n
+    return out
+
+
+def _k_of(key: str) -> int | None:
+    match = re.fullmatch(r"pass@(\d+)", key)
+    return int(match.group(1)) if match else None
+
+
+def format_eval_table(history: list[tuple[int, dict]]) -> str:
+    """Plain-text table of `(step, summarize_eval(...))` pairs, one row per evaluation."""
+    if not history:
+        return "(no evaluations)"
+    ks = sorted({k for _, m in history for key in m if (k := _k_of(key)) is not None and k > 1})
+    header = ["step", "pass@1 ± se"] + [f"pass@{k}" for k in ks]
+    rows = []
+    for step, metrics in history:
+        p1 = metrics.get("pass@1")
+        cell = "-" if p1 is None else f"{p1:.4f} ± {metrics.get('pass@1_se', 0.0):.4f}"
+        row = [str(step), cell]
+        row += [f"{metrics[f'pass@{k}']:.4f}" if f"pass@{k}" in metrics else "-" for k in ks]
+        rows.append(row)
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+
+    lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+import itertools
+import math
+
+import pytest
+
+from rlvr.evaluation import format_eval_table, ks_for, pass_at_k, subject_slug, summarize_eval
+
+
+def _brute_pass_at_k(n: int, c: int, k: int) -> float:
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 10])
+def test_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_edge_cases():
+    assert pass_at_k(64, 0, 64) == 0.0
+    assert pass_at_k(64, 1, 64) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(1000, 1, 500) == pytest.approx(0.5)  # stable where C(n, k) overflows floats
+    for n, c, k in [(4, 1, 5), (4, 1, 0), (4, 5, 1), (4, -1, 1)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+def test_ks_for():
+    assert ks_for(1) == [1]
+    assert ks_for(4) == [1, 2, 4]
+    assert ks_for(6) == [1, 2, 4]
+    assert ks_for(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert ks_for(0) == []
+
+
+def test_subject_slug():
+    assert subject_slug("Counting & Probability") == "counting_and_probability"
+    assert subject_slug("Intermediate Algebra") == "intermediate_algebra"
+    assert subject_slug("Prealgebra") == "prealgebra"
+    assert subject_slug("Number Theory") == "number_theory"
+
+
+def test_summarize_eval_by_hand():
+    correct = [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]]
+    subjects = ["Algebra", "Algebra", "Counting & Probability"]
+    levels = [1, 5, None]
+    out = summarize_eval(correct, subjects, levels)
+
+    # Per-problem accuracies 1, 1/4, 0: mean 5/12; deviations 7/12, -2/12, -5/12.
+    assert out["pass@1"] == pytest.approx(5 / 12)
+    sd = math.sqrt((49 + 4 + 25) / 144 / 2)
+    assert out["pass@1_se"] == pytest.approx(sd / math.sqrt(3))
+    # pass@2 per problem: 1, 1 - C(3,2)/C(4,2) = 1/2, 0.  pass@4: 1, 1, 0.
+    assert out["pass@2"] == pytest.approx(1.5 / 3)
+    assert out["pass@4"] == pytest.approx(2 / 3)
+    assert out["pass@1/algebra"] == pytest.approx(5 / 8)
+    assert out["pass@1/counting_and_probability"] == 0.0
+    assert out["pass@1/level_1"] == 1.0
+    assert out["pass@1/level_5"] == 0.25
+    assert out["pass@1/level_unknown"] == 0.0
+    assert out["n_problems"] == 3
+    assert out["n_samples_per_problem"] == 4
+    assert "pass@3" not in out
+
+
+def test_summarize_eval_single_problem_and_errors():
+    out = summarize_eval([[1, 0]], ["Geometry"], [3])
+    assert out["pass@1"] == 0.5 and out["pass@1_se"] == 0.0 and out["pass@2"] == 1.0
+    with pytest.raises(ValueError):
+        summarize_eval([[1, 0], [1]], ["A", "B"], [1, 2])
+    with pytest.raises(ValueError):
+        summarize_eval([[1]], [], [1])
+    with pytest.raises(ValueError):
+        summarize_eval([], [], [])
+
+
+def test_format_eval_table():
+    m0 = summarize_eval([[1, 0, 0, 0], [0, 0, 0, 0]], ["Algebra"] * 2, [1, 2])
+    m1 = summarize_eval([[1, 1, 0, 0], [1, 0, 0, 0]], ["Algebra"] * 2, [1, 2])
+    table = format_eval_table([(0, m0), (100, m1)])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "pass@1 ± se" in lines[0] and "pass@2" in lines[0] and "pass@4" in lines[0]
+    assert lines[2].split()[0] == "0" and lines[3].split()[0] == "100"
+    assert "0.3750" in lines[3]  # pass@1 at step 100
+    assert format_eval_table([]) == "(no evaluations)"
+    print(table)
