@@ -69,6 +69,8 @@ class Config:
     resume: bool = _opt(False, "continue the run in output_dir/exp_name from its last checkpoint")
     seed: int = _opt(42, "seed for data order, sampling and initialisation")
     n_eval_examples_logged: int = _opt(4, "eval responses shown as TensorBoard text per eval")
+    logprob_gap_every: int = _opt(10, "every N steps (and step 1) also fetch the engine's sampling "
+                                      "log-probs and log their gap to the trainer's; 0 = never")
 
     @property
     def prompts_per_step(self) -> int:
@@ -117,7 +119,7 @@ class Config:
 RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature", "eval_limit",
                     "eval_max_tokens", "save_every", "resume", "n_eval_examples_logged",
                     "grader_workers", "grade_timeout_s", "backend", "gpu_mem_util",
-                    "vllm_sleep", "output_dir"}
+                    "vllm_sleep", "output_dir", "logprob_gap_every"}
 
 
 def _parse_bool(text: str) -> bool:

@@ -97,6 +97,17 @@ def evaluate(engine, grader: BatchGrader, probs: Problems, cfg: Config) -> tuple
     return metrics, examples
 
 
+def sampler_logprob_gap(comps, old_logp: list[torch.Tensor]) -> dict[str, float]:
+    """|log pi_old - log pi_sampler| per token: how far the trainer's numerics (HF, fp32 masters
+    with bf16 autocast) are from the engine's that actually drew the samples (vLLM, bf16)."""
+    diffs = [(old - torch.tensor(c.logprobs)).abs() for c, old in zip(comps, old_logp)
+             if c.logprobs is not None and len(c.logprobs) == len(old) and len(old)]
+    if not diffs:
+        return {}
+    d = torch.cat(diffs)
+    return {"train/logp_gap_mean": d.mean().item(), "train/logp_gap_max": d.max().item()}
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -207,9 +218,12 @@ def run(cfg: Config) -> dict:
             # 1. generate
             idx = sampler.next(cfg.prompts_per_step)
             k = cfg.rollouts_per_prompt
+            every = cfg.logprob_gap_every
+            gap_step = every > 0 and (step == 1 or step % every == 0)
             t0 = time.perf_counter()
             outs = engine.generate([train.prompt_ids[i] for i in idx], n=k,
-                                   temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+                                   temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                   return_logprobs=gap_step)
             t_rollout = time.perf_counter() - t0
             comps = [c for group in outs for c in group]
             prompts = [train.prompt_ids[i] for i in idx for _ in range(k)]
@@ -228,6 +242,7 @@ def run(cfg: Config) -> dict:
             old_logp, entropy = compute_old_logprobs(policy, batch, cfg.temperature,
                                                      cfg.micro_batch_size,
                                                      tokenizer.pad_token_id, device)
+            gap = sampler_logprob_gap(comps, old_logp) if gap_step else {}
             upd = policy_update(policy, optimizer, batch, old_logp, temperature=cfg.temperature,
                                 clip_range=cfg.clip_range, mini_batch_size=mini,
                                 micro_batch_size=cfg.micro_batch_size,
@@ -267,6 +282,7 @@ def run(cfg: Config) -> dict:
                 "perf/tokens_per_s": n_gen / step_s,
                 "perf/rollout_tokens_per_s": n_gen / max(t_rollout, 1e-9),
                 "mem/peak_gb": peak_memory_gb(device),
+                **gap,
             }
             logger.log(step, metrics)
             done = step - first_step

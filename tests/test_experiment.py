@@ -14,7 +14,7 @@ REQUIRED_TAGS = [
     "train/clip_frac", "train/ratio_max", "train/response_len", "train/truncated_frac",
     "train/no_signal_frac", "train/skipped_prompts", "eval/pass@1", "eval/pass@1_se",
     "eval/pass@2", "time/rollout_s", "time/reward_s", "time/train_s", "time/sync_s",
-    "time/eval_s", "perf/tokens_per_s", "mem/peak_gb",
+    "time/eval_s", "perf/tokens_per_s", "mem/peak_gb", "train/logp_gap_mean",
 ]
 
 
@@ -53,6 +53,8 @@ def test_run_writes_tags_metrics_config_and_checkpoint(finished_run):
     missing = [t for t in REQUIRED_TAGS if t not in tags]
     assert not missing, missing
     assert sorted(tags["train/loss"]) == [1, 2]
+    # HF engine and trainer share weights and fp32 numerics: their log-probs agree
+    assert tags["train/logp_gap_max"][1] < 1e-3
     assert sorted(tags["eval/pass@1"]) == [0, 1, 2]  # before training, every step, final
     assert any(t.startswith("eval/pass@1/level_") for t in tags)
     assert any(t.startswith("eval/pass@1/") and "level" not in t and t != "eval/pass@1_se"

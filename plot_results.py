@@ -1,0 +1,39 @@
+"""Regenerate the figures and results.md from the training logs (TensorBoard + config.json).
+
+    python plot_results.py --logdir runs --out visualizations
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rlvr.plotting import PlotError, make_all
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--logdir", type=Path, default=Path("runs"),
+                   help="directory with one subdirectory per run (<logdir>/<exp_name>/)")
+    p.add_argument("--out", type=Path, default=Path("visualizations"),
+                   help="where the PNGs and results.md are written")
+    p.add_argument("--smooth", type=int, default=2,
+                   help="trailing moving-average window over eval points (1 = no smoothing)")
+    p.add_argument("--dpi", type=int, default=150, help="resolution of the PNGs")
+    args = p.parse_args(argv)
+    if args.smooth < 1:
+        p.error("--smooth must be >= 1")
+    try:
+        written = make_all(args.logdir, args.out, args.smooth, args.dpi)
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
