@@ -1,0 +1,146 @@
+"""GPU checks of the vLLM path (run on the device; skipped on CPU).
+
+One sleep-mode engine serves the whole module (vLLM allows one per process). A random-weight model
+of the Qwen2.5-0.5B shape stands in for the real one: these checks are about numerics and plumbing,
+so the weights need not be trained. Measured differences go to $RLVR_GPU_REPORT (JSON) if set.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("vllm")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.models import build_random_qwen, math_texts  # noqa: E402
+from rlvr.config import Config  # noqa: E402
+from rlvr.modeling import (  # noqa: E402
+    autocast_ctx,
+    collate,
+    eos_token_ids,
+    load_policy,
+    load_tokenizer,
+    token_logprobs,
+)
+from rlvr.prompts import encode_prompt  # noqa: E402
+from rlvr.vllm_engine import VLLMEngine, _load_weights_on_worker  # noqa: E402
+
+CUDA = torch.device("cuda")
+REPORT: dict[str, float] = {}
+TEMP = 0.7  # not 1, so a raw-vs-processed log-prob mix-up would show
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_report():
+    yield
+    if os.environ.get("RLVR_GPU_REPORT"):
+        Path(os.environ["RLVR_GPU_REPORT"]).write_text(json.dumps(REPORT, indent=2))
+    print("\nGPU report:", json.dumps(REPORT, indent=2))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    texts = math_texts("data/math_subset") or ["What is 1 + 1? The answer is 2."] * 200
+    root = Path(os.environ.get("RLVR_MODEL_ROOT", tmp_path_factory.mktemp("models")))
+    model_dir = build_random_qwen("0.5B", root / "0.5B", texts)
+    tok = load_tokenizer(str(model_dir))
+    policy = load_policy(str(model_dir), CUDA, gradient_checkpointing=False)
+    cfg = Config(model_id=str(model_dir), vllm_sleep=True, gpu_mem_util=0.3, max_tokens=64,
+                 max_prompt_tokens=512)
+    engine = VLLMEngine(str(model_dir), tok, eos_token_ids(policy, tok), cfg)
+    prompts = [encode_prompt(tok, t[:300]) for t in texts[:4]]
+    return policy, tok, engine, prompts
+
+
+def perturb(policy, scale: float, seed: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "layers" in name and p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g, device="cuda") * scale * p.std())
+
+
+def logprob_diff(policy, engine, prompts, temperature=TEMP) -> tuple[float, float]:
+    """Sample with vLLM (post-temperature log-probs) and recompute them with the HF policy."""
+    outs = engine.generate(prompts, n=2, temperature=temperature, max_tokens=64,
+                           return_logprobs=True)
+    comps = [c for g in outs for c in g]
+    flat_prompts = [p for p in prompts for _ in range(2)]
+    b = collate(flat_prompts, [c.token_ids for c in comps], 0, CUDA)
+    with torch.no_grad(), autocast_ctx(CUDA):
+        logp, _ = token_logprobs(policy, b, temperature)
+    diffs = torch.cat([(logp[i, :len(c.token_ids)].float().cpu() - torch.tensor(c.logprobs)).abs()
+                       for i, c in enumerate(comps)])
+    return diffs.max().item(), diffs.mean().item()
+
+
+def test_a_sync_makes_vllm_logprobs_match_the_policy(setup):
+    policy, _, engine, prompts = setup
+    perturb(policy, 0.5, seed=1)
+    stale_max, stale_mean = logprob_diff(policy, engine, prompts)
+    engine.sync_weights(policy)
+    REPORT["sync_s"] = engine.last_sync_s
+    fresh_max, fresh_mean = logprob_diff(policy, engine, prompts)
+    REPORT.update(before_sync_max=stale_max, before_sync_mean=stale_mean,
+                  after_sync_max=fresh_max, after_sync_mean=fresh_mean)
+    assert stale_mean > 5 * fresh_mean
+    assert fresh_mean < 0.03 and fresh_max < 0.5  # bf16 noise, scaled by 1/T
+
+
+def test_perturbing_and_syncing_changes_greedy_output(setup):
+    policy, _, engine, prompts = setup
+    before = [g[0].token_ids for g in engine.generate(prompts, 1, 0.0, 32)]
+    perturb(policy, 1.0, seed=2)
+    engine.sync_weights(policy)
+    after = [g[0].token_ids for g in engine.generate(prompts, 1, 0.0, 32)]
+    assert before != after
+
+
+def test_the_prefix_cache_is_reset_after_a_sync(setup):
+    policy, _, engine, prompts = setup
+    engine.generate(prompts, 1, 0.0, 8)  # fills the prefix cache with these prompts' KV
+    perturb(policy, 0.5, seed=3)
+    engine.sync_weights(policy)  # pushes weights AND resets the cache
+    _, reset_mean = logprob_diff(policy, engine, prompts)
+    # the same push without the reset: vLLM reuses prompt KV computed with the old weights
+    engine.generate(prompts, 1, 0.0, 8)
+    perturb(policy, 0.5, seed=4)
+    weights = [(n, p.detach().to(torch.bfloat16)) for n, p in policy.named_parameters()]
+    engine.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+    _, stale_kv_mean = logprob_diff(policy, engine, prompts)
+    engine.llm.reset_prefix_cache()
+    REPORT.update(prefix_reset_mean=reset_mean, prefix_stale_kv_mean=stale_kv_mean)
+    assert reset_mean < 0.03
+    assert stale_kv_mean > 3 * reset_mean  # the check above has teeth
+
+
+def test_after_sleep_and_wake_generation_uses_the_new_weights(setup):
+    policy, _, engine, prompts = setup
+    engine.sync_weights(policy)
+    engine.sleep()
+    assert engine.asleep
+    perturb(policy, 0.5, seed=5)
+    engine.sync_weights(policy)  # wake weights -> load -> wake KV cache -> reset prefix cache
+    assert not engine.asleep
+    mx, mean = logprob_diff(policy, engine, prompts)
+    REPORT.update(after_wake_max=mx, after_wake_mean=mean)
+    assert mean < 0.03 and mx < 0.5
+
+
+def test_generation_config_of_the_checkpoint_does_not_leak(setup):
+    """The random checkpoint ships top_k 20 / top_p 0.8 / repetition penalty 1.05: vLLM must
+    sample from the full temperature-scaled distribution, so the log-probs it reports agree
+    with the policy's full softmax (top-k renormalisation would raise them)."""
+    policy, _, engine, prompts = setup
+    assert policy.generation_config.top_k == 20
+    engine.sync_weights(policy)
+    _, mean = logprob_diff(policy, engine, prompts, temperature=1.0)
+    REPORT["temp1_mean"] = mean
+    assert mean < 0.03
