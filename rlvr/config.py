@@ -59,6 +59,8 @@ class Config:
                         choices=("auto", "vllm", "hf"))
     gpu_mem_util: float = _opt(0.35, "share of GPU memory vLLM may take (weights + KV cache)")
     vllm_sleep: bool = _opt(False, "put vLLM to sleep during updates (frees its KV cache; for 3B)")
+    vllm_max_num_seqs: int = _opt(512, "most sequences vLLM decodes at once (512 = its largest "
+                                       "CUDA-graph batch; bigger batches run without graphs)")
     grader_workers: int | None = _opt(None, "math-verify worker processes (default: min(8, cpus))")
     grade_timeout_s: float = _opt(5.0, "per-sample grading time limit; a timeout counts as wrong")
     # --- data and outputs
@@ -119,7 +121,8 @@ class Config:
 RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature", "eval_limit",
                     "eval_max_tokens", "save_every", "resume", "n_eval_examples_logged",
                     "grader_workers", "grade_timeout_s", "backend", "gpu_mem_util",
-                    "vllm_sleep", "output_dir", "logprob_gap_every"}
+                    "vllm_sleep", "vllm_max_num_seqs", "output_dir",
+                    "logprob_gap_every"}
 
 
 def _parse_bool(text: str) -> bool:

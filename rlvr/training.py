@@ -31,6 +31,15 @@ def _micro_batches(idx: list[int], size: int) -> list[list[int]]:
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
+def _by_length(idx: list[int], batch: UpdateBatch) -> list[int]:
+    """Order samples by total length so each micro-batch pads to a similar length."""
+    return sorted(idx, key=lambda i: len(batch.prompts[i]) + len(batch.responses[i]))
+
+
+# A no-grad forward keeps no activations, so it can take several micro-batches at once.
+NO_GRAD_BATCH_FACTOR = 4
+
+
 @torch.no_grad()
 def compute_old_logprobs(model, batch: UpdateBatch, temperature: float, micro_batch_size: int,
                          pad_id: int, device: torch.device) -> tuple[list[torch.Tensor], float]:
@@ -42,7 +51,8 @@ def compute_old_logprobs(model, batch: UpdateBatch, temperature: float, micro_ba
     model.eval()
     old: list[torch.Tensor] = [torch.empty(0)] * len(batch.responses)
     ent_sum, n_tok = 0.0, 0
-    for mb in _micro_batches(list(range(len(batch.responses))), micro_batch_size):
+    order = _by_length(list(range(len(batch.responses))), batch)
+    for mb in _micro_batches(order, micro_batch_size * NO_GRAD_BATCH_FACTOR):
         b = collate([batch.prompts[i] for i in mb], [batch.responses[i] for i in mb], pad_id,
                     device)
         with autocast_ctx(device):
@@ -81,7 +91,7 @@ def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Ten
         n_tokens = sum(len(batch.responses[i]) for i in kept)
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
-        for micro in _micro_batches(kept, micro_batch_size):
+        for micro in _micro_batches(_by_length(kept, batch), micro_batch_size):
             b = collate([batch.prompts[i] for i in micro], [batch.responses[i] for i in micro],
                         pad_id, device)
             old = torch.zeros_like(b["response_mask"])

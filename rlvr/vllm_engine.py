@@ -40,7 +40,7 @@ class VLLMEngine:
         self.llm = LLM(
             model=model_dir, dtype="bfloat16", gpu_memory_utilization=cfg.gpu_mem_util,
             enable_prefix_caching=True, enable_sleep_mode=cfg.vllm_sleep,
-            max_model_len=max_model_len, seed=cfg.seed,
+            max_model_len=max_model_len, seed=cfg.seed, max_num_seqs=cfg.vllm_max_num_seqs,
             # the checkpoint's generation_config (top_k 20, top_p 0.8, ...) must not become the
             # default sampling parameters
             generation_config="vllm",

@@ -59,12 +59,19 @@ def setup(tmp_path_factory):
     return policy, tok, engine, prompts
 
 
+BASE: dict[str, torch.Tensor] = {}
+
+
 def perturb(policy, scale: float, seed: int) -> None:
+    """Set the layer weights to the initial ones plus fresh noise (not cumulative, so the logit
+    scale, and with it the bf16 noise floor, stays the same from test to test)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "layers" in name and p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g, device="cuda") * scale * p.std())
+                base = BASE.setdefault(name, p.detach().clone())
+                noise = torch.randn(p.shape, generator=g, device="cuda")
+                p.copy_(base + noise * scale * base.std())
 
 
 def logprob_diff(policy, engine, prompts, temperature=TEMP) -> tuple[float, float]:
