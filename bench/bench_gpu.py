@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--data_dir", default="data/math_subset")
     ap.add_argument("--model_root", default="/tmp/rlvr_models")
     ap.add_argument("--gpu_mem_util", type=float, default=0.35)
-    ap.add_argument("--micro_batch_size", type=int, default=8)
+    ap.add_argument("--micro_batch_size", type=int, default=Config.micro_batch_size)
     ap.add_argument("--sleep", action="store_true", help="vLLM sleep mode during updates")
     ap.add_argument("--skip_eval", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
@@ -198,7 +198,7 @@ def main() -> None:
                  micro_batch_size=args.micro_batch_size, eval_temperature=1.0)
     tok = load_tokenizer(str(model_dir))
     t0 = time.perf_counter()
-    policy = load_policy(str(model_dir), torch.device("cuda"), cfg.gradient_checkpointing)
+    policy = load_policy(str(model_dir), torch.device("cuda"), "auto")
     engine = VLLMEngine(str(model_dir), tok, eos_token_ids(policy, tok), cfg)
     r["init_s"] = time.perf_counter() - t0
     r["peak_bf16_tflops"] = measured_bf16_peak_tflops()

@@ -40,13 +40,15 @@ class Config:
     mini_batch_size: int | None = _opt(
         None, "samples per optimizer step (default: the rollout batch, one update per step; "
               "16 gives the paper's four off-policy updates)")
-    micro_batch_size: int = _opt(8, "samples per forward/backward (memory only; accumulation is "
-                                    "derived)")
+    micro_batch_size: int = _opt(16, "samples per forward/backward (memory only; accumulation is "
+                                     "derived)")
     lr: float = _opt(1e-6, "AdamW learning rate (constant, no warm-up)")
     clip_range: float = _opt(0.2, "PPO clip epsilon")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
-    gradient_checkpointing: bool = _opt(True, "recompute activations in backward (saves memory)")
+    gradient_checkpointing: str = _opt("auto", "recompute activations in backward to save memory; "
+                                               "auto = on for models of 1B parameters or more",
+                                       choices=("auto", "true", "false"))
     # --- evaluation
     eval_every: int = _opt(10, "evaluate every N steps (also at step 0 and after the last step)")
     eval_n: int = _opt(4, "samples per eval problem (pass@k for k = 1, 2, 4, ... <= n)")

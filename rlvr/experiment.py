@@ -89,6 +89,7 @@ def evaluate(engine, grader: BatchGrader, probs: Problems, cfg: Config) -> tuple
     metrics = summarize_eval(correct, [r["subject"] for r in probs.rows],
                              [r["level"] for r in probs.rows])
     metrics["grade_timeouts"] = graded.n_timeouts
+    metrics["no_box_frac"] = graded.n_no_box / max(len(texts), 1)
     metrics["response_len"] = float(np.mean([len(c.token_ids) for g in outs for c in g]))
     examples = [
         f"**{r.get('unique_id', i)}** (gold `{r['answer']}`, score {correct[i][0]:.0f})\n\n"
@@ -159,7 +160,8 @@ def run(cfg: Config) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = resolve_model_dir(cfg.model_id)
     tokenizer = load_tokenizer(model_dir)
-    policy = load_policy(model_dir, device, cfg.gradient_checkpointing)
+    gc = {"true": True, "false": False}.get(cfg.gradient_checkpointing, "auto")
+    policy = load_policy(model_dir, device, gc)
     eos_ids = eos_token_ids(policy, tokenizer)
     engine = make_engine(cfg.backend, policy, tokenizer, model_dir, eos_ids, cfg)
     seed_everything(cfg.seed)  # after the engine: vLLM's in-process engine reseeds global RNGs
@@ -276,6 +278,7 @@ def run(cfg: Config) -> dict:
                 .float().mean().item(),
                 "train/skipped_prompts": train.n_skipped,
                 "train/grade_timeouts": graded.n_timeouts,
+                "train/no_box_frac": graded.n_no_box / len(comps),
                 "train/epoch": sampler.epoch,
                 "time/rollout_s": t_rollout, "time/reward_s": t_reward,
                 "time/train_s": t_train, "time/sync_s": t_sync, "time/step_s": step_s,
