@@ -88,15 +88,16 @@ def bench_rollout(engine: VLLMEngine, prompts: list[list[int]], reps: int) -> di
         return sum(len(o.token_ids) for r in outs for o in r.outputs)
 
     res = {}
-    for name, fn in (("raw", raw), ("ours", ours)):
-        fn()  # warm-up
-        rates = []
-        for _ in range(reps):
+    rates: dict[str, list[float]] = {"raw": [], "ours": []}
+    raw(), ours()  # warm-up
+    for _ in range(reps):  # interleaved, so drift in clocks or memory hits both alike
+        for name, fn in (("raw", raw), ("ours", ours)):
             t0 = now()
             n = fn()
-            rates.append(n / (now() - t0))
-        res[f"rollout_{name}_tok_s"] = statistics.median(rates)
-        res[f"rollout_{name}_tok_s_all"] = rates
+            rates[name].append(n / (now() - t0))
+    for name, r in rates.items():
+        res[f"rollout_{name}_tok_s"] = statistics.median(r)
+        res[f"rollout_{name}_tok_s_all"] = r
     res["rollout_ratio"] = res["rollout_ours_tok_s"] / res["rollout_raw_tok_s"]
     return res
 
@@ -183,7 +184,7 @@ def main() -> None:
     ap.add_argument("--micro_batch_size", type=int, default=Config.micro_batch_size)
     ap.add_argument("--sleep", action="store_true", help="vLLM sleep mode during updates")
     ap.add_argument("--skip_eval", action="store_true")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON file for the results")
     args = ap.parse_args()
 

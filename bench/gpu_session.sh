@@ -15,10 +15,14 @@ if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
     -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "^(INFO|WARNING|DEBUG)" | tail -40
 fi
 if [ "${RUN_BENCH:-1}" = 1 ]; then
-  timeout 300 python3 bench/bench_gpu.py --shape "$SHAPE" ${BENCH_FLAGS:-} --out "$OUT/bench_$SHAPE.json" \
+  timeout ${BENCH_TIMEOUT:-300} python3 bench/bench_gpu.py --shape "$SHAPE" ${BENCH_FLAGS:-} --out "$OUT/bench_$SHAPE.json" \
     2>&1 | tee "$OUT/bench_$SHAPE.log" | grep -vE "^(INFO|WARNING|DEBUG)" | tail -25
 fi
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/gpu_mem_$SHAPE.txt" &
+SMI=$!
 if [ "${RUN_WHOLE:-1}" = 1 ]; then
-  timeout 330 python3 bench/whole_run.py --shape "$SHAPE" --steps "$STEPS" --out "$OUT/whole_$SHAPE.json" \
+  timeout ${WHOLE_TIMEOUT:-330} python3 bench/whole_run.py --shape "$SHAPE" --steps "$STEPS" --out "$OUT/whole_$SHAPE.json" \
     -- "$@" 2>&1 | tee "$OUT/whole_$SHAPE.log" | grep -vE "^(INFO|WARNING|DEBUG)|^\(EngineCore" | tail -30
 fi
+kill $SMI 2>/dev/null
+echo "peak GPU memory used during this session (nvidia-smi, MiB): $(sort -n "$OUT/gpu_mem_$SHAPE.txt" | tail -1)"
