@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,11 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
 
-    lines = [json.loads(x) for x in (Path(args.runs_dir) / name / "metrics.jsonl").open()]
+    run_dir = Path(args.runs_dir) / name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+    # a 3B checkpoint with its optimizer is ~40 GB: keep the device's disk for the next run
+    for big in ("checkpoints", "final_model"):
+        shutil.rmtree(run_dir / big, ignore_errors=True)
     steps = [ln for ln in lines if "time/step_s" in ln]
     evals = [ln for ln in lines if "time/eval_s" in ln]
     timed = steps[2:] or steps

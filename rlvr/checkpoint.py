@@ -49,10 +49,14 @@ def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
     tmp = root / f".step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(policy.state_dict(), tmp / "policy.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    # state.pt is written last: its presence marks a complete checkpoint
-    torch.save({"step": step, "rng": rng_state(), **extra}, tmp / "state.pt")
+    try:
+        torch.save(policy.state_dict(), tmp / "policy.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        # state.pt is written last: its presence marks a complete checkpoint
+        torch.save({"step": step, "rng": rng_state(), **extra}, tmp / "state.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in root.glob("step_*"):

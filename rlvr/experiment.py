@@ -204,9 +204,13 @@ def run(cfg: Config) -> dict:
               f"({metrics['time/eval_s']:.1f} s)", flush=True)
 
     def checkpoint(at_step: int) -> None:
-        save_checkpoint(cfg.run_dir, at_step, policy, optimizer,
-                        {"sampler": sampler.state(), "generator": gen.get_state(),
-                         "eval_history": history})
+        try:
+            save_checkpoint(cfg.run_dir, at_step, policy, optimizer,
+                            {"sampler": sampler.state(), "generator": gen.get_state(),
+                             "eval_history": history})
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            raise SystemExit(f"error: could not write the step-{at_step} checkpoint under "
+                             f"{cfg.run_dir}: {str(e).splitlines()[0]}") from None
 
     try:
         if step == 0 and not history:
