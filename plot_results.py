@@ -22,11 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smooth", type=int, default=2,
                    help="trailing moving-average window over eval points (1 = no smoothing)")
     p.add_argument("--dpi", type=int, default=150, help="resolution of the PNGs")
+    p.add_argument("--note", default="", help="footer text on every figure and atop results.md "
+                                              "(e.g. 'synthetic demo data')")
     args = p.parse_args(argv)
     if args.smooth < 1:
         p.error("--smooth must be >= 1")
     try:
-        written = make_all(args.logdir, args.out, args.smooth, args.dpi)
+        written = make_all(args.logdir, args.out, args.smooth, args.dpi, args.note)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

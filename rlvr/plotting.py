@@ -304,6 +304,16 @@ def results_markdown(runs: list[Run], skipped: list[tuple[str, str]], logdir: Pa
 # ----------------------------------------------------------------------------- figures
 
 
+_NOTE = {"text": ""}  # set by make_all(note=...): a footer on every figure
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    if _NOTE["text"]:
+        fig.text(0.005, 0.005, _NOTE["text"], fontsize=8, color="firebrick", ha="left",
+                 va="bottom")
+    fig.savefig(path, dpi=dpi)
+
+
 def _panels(n: int, title: str):
     fig, axes = plt.subplots(1, n, figsize=(max(7.0, 4.8 * n + 0.8), 4.6), squeeze=False,
                              layout="constrained")
@@ -360,7 +370,7 @@ def plot_training_curves(runs: list[Run], window: int, path: Path, dpi: int) -> 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     _legend_below(fig, axes)
-    fig.savefig(path, dpi=dpi)
+    _save(fig, path, dpi)
     plt.close(fig)
 
 
@@ -396,7 +406,7 @@ def plot_final_comparison(runs: list[Run], path: Path, dpi: int) -> None:
                  fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     _legend_below(fig, [ax])
-    fig.savefig(path, dpi=dpi)
+    _save(fig, path, dpi)
     plt.close(fig)
 
 
@@ -433,7 +443,7 @@ def plot_pass_at_k(runs: list[Run], path: Path, dpi: int) -> bool:
         _pass_rate_ylim(ax)
         ax.grid(alpha=0.3)
     _legend_below(fig, axes)
-    fig.savefig(path, dpi=dpi)
+    _save(fig, path, dpi)
     plt.close(fig)
     return True
 
@@ -445,8 +455,13 @@ class PlotError(Exception):
     """A problem with the inputs, reported as one `error:` line."""
 
 
-def make_all(logdir: Path, out: Path, window: int = 2, dpi: int = 150) -> list[Path]:
-    """Read every run under logdir and write the figures and results.md into out."""
+def make_all(logdir: Path, out: Path, window: int = 2, dpi: int = 150,
+             note: str = "") -> list[Path]:
+    """Read every run under logdir and write the figures and results.md into out.
+
+    `note` is printed as a footer on every figure and at the top of results.md (e.g. to mark
+    figures drawn from demo logs)."""
+    _NOTE["text"] = note
     if not logdir.is_dir():
         raise PlotError(f"log directory '{logdir}' does not exist")
     runs, skipped, warnings = read_runs(logdir)
@@ -464,7 +479,8 @@ def make_all(logdir: Path, out: Path, window: int = 2, dpi: int = 150) -> list[P
         plot_training_curves(runs, window, t / FIGURES[0], dpi)
         plot_final_comparison(runs, t / FIGURES[1], dpi)
         drew_pass_k = plot_pass_at_k(runs, t / FIGURES[2], dpi)
-        (t / "results.md").write_text(results_markdown(runs, skipped, logdir, warnings))
+        md = results_markdown(runs, skipped, logdir, warnings)
+        (t / "results.md").write_text(f"> {note}\n\n{md}" if note else md)
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for f in sorted(t.iterdir()):
