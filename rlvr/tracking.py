@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -33,8 +34,10 @@ def provenance(device: torch.device) -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    commit = git("rev-parse", "HEAD")
     return {
-        "git_commit": git("rev-parse", "HEAD") or None,
+        # a copy of the tree without its history answers "HEAD" or nothing: record no commit
+        "git_commit": commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None,
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "packages": versions,
         "python": sys.version.split()[0],
