@@ -90,4 +90,30 @@ def test_a_minibatch_without_kept_samples_does_not_step(model):
                       device=CPU, generator=torch.Generator().manual_seed(0))
     assert s["n_updates"] == 0 and s["skipped_empty_minibatches"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert not opt.state  # AdamW never stepped, so weight decay never touched the weights
+    # AdamW never stepped, so weight decay never touched the weights
+    assert all(st["step"].item() == 0 for st in opt.state.values())
+
+
+def test_optimizer_state_is_allocated_up_front_and_the_first_step_is_a_true_first_step(
+        tiny_model_dir):
+    fresh = load_policy(str(tiny_model_dir), CPU, gradient_checkpointing=False)
+    pre = load_policy(str(tiny_model_dir), CPU, gradient_checkpointing=False)
+    before = [p.detach().clone() for p in pre.parameters()]
+    opt_pre = make_optimizer(pre, lr=1e-2, weight_decay=0.1)
+    # allocated, zero, step 0 -- and the weights did not move
+    for p, b in zip(pre.parameters(), before):
+        st = opt_pre.state[p]
+        assert st["step"].item() == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+        assert torch.equal(p, b)
+    assert all(g["lr"] == 1e-2 and g["weight_decay"] == 0.1 for g in opt_pre.param_groups)
+    # a real step from the preallocated state equals a real first step of a plain AdamW
+    opt_fresh = torch.optim.AdamW(fresh.parameters(), lr=1e-2, betas=(0.9, 0.95),
+                                  weight_decay=0.1, eps=1e-8)
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in pre.parameters()]
+    for model, opt in ((pre, opt_pre), (fresh, opt_fresh)):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+    for a, b in zip(pre.parameters(), fresh.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
