@@ -42,12 +42,10 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, eos_ids: list[int], seed: int):
+    def __init__(self, policy: torch.nn.Module, tokenizer, eos_ids: list[int]):
         self.policy = policy
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.generator_seed = seed
-        self.calls = 0
 
     def _generation_config(self, temperature: float, max_tokens: int, scores: bool):
         from transformers import GenerationConfig
@@ -71,9 +69,9 @@ class HFEngine:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        # HF generate samples from the global RNG; seed it per call so a run is reproducible.
-        torch.manual_seed(self.generator_seed + self.calls)
-        self.calls += 1
+        # HF generate samples from torch's global RNG, which the run seeds once and every
+        # checkpoint saves, so a resumed run continues the same random stream (reseeding per call
+        # would restart it, and make seed s's call k+1 replay seed s+1's call k).
         flat = [p for p in prompts for _ in range(n)]
         L = max(len(p) for p in flat)
         pad = self.tokenizer.pad_token_id
@@ -135,7 +133,7 @@ def make_engine(backend: str, policy, tokenizer, model_dir: str, eos_ids: list[i
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
     if backend == "hf":
-        return HFEngine(policy, tokenizer, eos_ids, cfg.seed)
+        return HFEngine(policy, tokenizer, eos_ids)
     if not vllm_available():
         raise RuntimeError("--backend vllm needs a CUDA GPU and the vllm package")
     from rlvr.vllm_engine import VLLMEngine

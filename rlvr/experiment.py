@@ -70,7 +70,12 @@ def encode_problems(rows: list[dict], tokenizer, cfg: Config) -> Problems:
     return Problems(kept_rows, ids, skipped)
 
 
-def select_eval_rows(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+# The eval sample must not depend on --seed: runs of several seeds are compared on one problem set.
+EVAL_SAMPLE_SEED = 0
+
+
+def select_eval_rows(rows: list[dict], limit: int | None,
+                     seed: int = EVAL_SAMPLE_SEED) -> list[dict]:
     """The whole test subset, or a seeded sample of `limit` problems stratified like it."""
     if limit is None or limit >= len(rows):
         return rows
@@ -143,8 +148,14 @@ def prepare_run_dir(cfg: Config) -> Config:
 
 
 def write_config(cfg: Config, device: torch.device) -> None:
+    """config.json; a resume keeps the original provenance and appends its own under "resumes"."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / "config.json"
     data = {**cfg.to_json(), "provenance": provenance(device)}
+    if cfg.resume and path.exists():
+        old = json.loads(path.read_text())
+        data["provenance"] = old.get("provenance", data["provenance"])
+        data["resumes"] = old.get("resumes", []) + [provenance(device)]
     tmp = cfg.run_dir / "config.json.tmp"
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, cfg.run_dir / "config.json")
@@ -167,14 +178,18 @@ def run(cfg: Config) -> dict:
     seed_everything(cfg.seed)  # after the engine: vLLM's in-process engine reseeds global RNGs
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     train = encode_problems(train_rows, tokenizer, cfg)
-    evalset = encode_problems(select_eval_rows(test_rows, cfg.eval_limit, cfg.seed), tokenizer, cfg)
+    evalset = encode_problems(select_eval_rows(test_rows, cfg.eval_limit), tokenizer, cfg)
     mini = cfg.mini_batch_size or cfg.rollout_batch_size
     gen = torch.Generator().manual_seed(cfg.seed)
 
     step, sampler, history = 0, PromptSampler(len(train.rows), cfg.seed), []
     ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
-        raise SystemExit(f"error: no checkpoint under {cfg.run_dir}/checkpoints to resume from")
+        # crashed before its first checkpoint: nothing to continue, so start it again from step 0
+        print(f"[resume] no checkpoint under {cfg.run_dir}: restarting the run from step 0",
+              flush=True)
+        for old in [*cfg.run_dir.glob("events.out.tfevents.*"), cfg.run_dir / "metrics.jsonl"]:
+            old.unlink(missing_ok=True)
     if ckpt is not None:
         state = load_checkpoint(ckpt, policy, optimizer)
         step, history = state["step"], state["eval_history"]
@@ -225,7 +240,9 @@ def run(cfg: Config) -> dict:
             idx = sampler.next(cfg.prompts_per_step)
             k = cfg.rollouts_per_prompt
             every = cfg.logprob_gap_every
-            gap_step = every > 0 and (step == 1 or step % every == 0)
+            # Not on the HF engine: it samples with the policy itself (gap 0 by construction) and
+            # its per-step scores would hold [64, 151,936] fp32 per token for Qwen (~20 GB).
+            gap_step = engine.name != "hf" and every > 0 and (step == 1 or step % every == 0)
             t0 = time.perf_counter()
             outs = engine.generate([train.prompt_ids[i] for i in idx], n=k,
                                    temperature=cfg.temperature, max_tokens=cfg.max_tokens,

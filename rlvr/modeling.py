@@ -82,6 +82,11 @@ def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bo
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
     ).to(device)
+    # token_logprobs computes logits as hidden @ lm_head.weight^T; refuse models that do more
+    extra = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+             if getattr(model.config, k, None) not in (None, 1, 1.0)]
+    if getattr(model.lm_head, "bias", None) is not None or extra:
+        raise ValueError(f"unsupported output head for {model_dir}: lm_head bias or {extra}")
     if gradient_checkpointing == "auto":
         n_params = sum(p.numel() for p in model.parameters())
         gradient_checkpointing = n_params >= AUTO_CHECKPOINTING_MIN_PARAMS

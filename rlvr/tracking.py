@@ -69,8 +69,13 @@ class RunLogger:
     def _truncate_metrics(self, last_step: int) -> None:
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
+        keep = []
+        for ln in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(ln)["step"] <= last_step:
+                    keep.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by a crash mid-write
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
         os.replace(tmp, self.metrics_path)

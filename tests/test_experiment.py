@@ -14,7 +14,7 @@ REQUIRED_TAGS = [
     "train/clip_frac", "train/ratio_max", "train/response_len", "train/truncated_frac",
     "train/no_signal_frac", "train/skipped_prompts", "eval/pass@1", "eval/pass@1_se",
     "eval/pass@2", "time/rollout_s", "time/reward_s", "time/train_s", "time/sync_s",
-    "time/eval_s", "perf/tokens_per_s", "mem/peak_gb", "train/logp_gap_mean",
+    "time/eval_s", "perf/tokens_per_s", "mem/peak_gb",
 ]
 
 
@@ -53,8 +53,6 @@ def test_run_writes_tags_metrics_config_and_checkpoint(finished_run):
     missing = [t for t in REQUIRED_TAGS if t not in tags]
     assert not missing, missing
     assert sorted(tags["train/loss"]) == [1, 2]
-    # HF engine and trainer share weights and fp32 numerics: their log-probs agree
-    assert tags["train/logp_gap_max"][1] < 1e-3
     assert sorted(tags["eval/pass@1"]) == [0, 1, 2]  # before training, every step, final
     assert any(t.startswith("eval/pass@1/level_") for t in tags)
     assert any(t.startswith("eval/pass@1/") and "level" not in t and t != "eval/pass@1_se"
@@ -123,3 +121,44 @@ def test_missing_data_is_a_one_line_error_that_names_data_prep(tmp_path, tiny_mo
     assert proc.returncode != 0
     assert "data_prep.py" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_resumed_run_matches_an_uninterrupted_one(finished_run, tiny_model_dir, tiny_data_dir,
+                                                  tmp_path):
+    """2 steps + --resume to 3 (the test above) samples and trains exactly like 3 steps straight:
+    RNG states, data position and optimizer all carry over."""
+    run_dir, _ = finished_run
+    if not (run_dir / "checkpoints" / "step_3").exists():  # when run on its own
+        resumed = run_cli(*base_args(tiny_model_dir, tiny_data_dir, run_dir.parent),
+                          "--n_train_steps", "3", "--resume")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_cli(*base_args(tiny_model_dir, tiny_data_dir, tmp_path), "--n_train_steps", "3")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    def step3(d):
+        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return next(ln for ln in lines if ln["step"] == 3 and "train/loss" in ln)
+
+    a, b = step3(run_dir), step3(tmp_path / "e2e")
+    for key in ("train/response_len", "train/entropy", "train/loss", "train/grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert len(cfg["resumes"]) == 1 and cfg["provenance"]["command"] != ""
+
+
+def test_resume_without_a_checkpoint_restarts_from_step_0(tmp_path, tiny_model_dir,
+                                                          tiny_data_dir):
+    args = [*base_args(tiny_model_dir, tiny_data_dir, tmp_path), "--n_train_steps", "1",
+            "--save_every", "0", "--eval_limit", "2", "--eval_n", "1"]
+    run_dir = tmp_path / "e2e"
+    run_dir.mkdir()  # what a crash before the first checkpoint leaves behind
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "eval/pass@1": 0.5}\n{"step": 1, "tr')
+    from rlvr.config import parse_config
+
+    cfg = parse_config(args)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
+    proc = run_cli(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "restarting the run from step 0" in proc.stdout
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 1]  # eval 0, train 1, eval 1: nothing left from the crashed process

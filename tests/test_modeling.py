@@ -66,7 +66,8 @@ def test_hf_engine_samples_from_the_policy_not_the_checkpoint_generation_config(
     temperature (top-k renormalises every step's distribution)."""
     model, tok = policy_and_tok
     assert model.generation_config.top_k == 20  # the trap is armed
-    engine = HFEngine(model, tok, eos_token_ids(model, tok), seed=0)
+    engine = HFEngine(model, tok, eos_token_ids(model, tok))
+    torch.manual_seed(0)
     prompt = encode_prompt(tok, "What is 1+1?")
     outs = engine.generate([prompt], n=3, temperature=0.8, max_tokens=12, return_logprobs=True)
     for c in outs[0]:
@@ -86,7 +87,7 @@ def test_hf_engine_samples_from_the_policy_not_the_checkpoint_generation_config(
 
 def test_hf_engine_greedy_is_deterministic(policy_and_tok):
     model, tok = policy_and_tok
-    engine = HFEngine(model, tok, eos_token_ids(model, tok), seed=0)
+    engine = HFEngine(model, tok, eos_token_ids(model, tok))
     prompt = encode_prompt(tok, "What is 2+2?")
     a = engine.generate([prompt], n=1, temperature=0, max_tokens=8)[0][0].token_ids
     b = engine.generate([prompt], n=1, temperature=0, max_tokens=8)[0][0].token_ids
