@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo is not installed; make `rlvr` importable either way
 
 import plot_results  # noqa: E402
-from rlvr import plotting  # noqa: E402
-from rlvr.plotting import Stat  # noqa: E402
+from rlvr import plotting, results  # noqa: E402
+from rlvr.results import Stat  # noqa: E402
 
 OUTPUTS = [*plotting.FIGURES, "results.md"]
 
@@ -76,7 +76,7 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(logdir: Path):
-    return plotting.read_runs(logdir)
+    return results.read_runs(logdir)
 
 
 def test_read_runs_reports_and_skips_bad_runs(loaded) -> None:
@@ -99,7 +99,7 @@ def test_duplicated_step_keeps_latest_wall_time(loaded) -> None:
 
 def test_aggregation_across_seeds_and_within_run(loaded) -> None:
     runs = loaded[0]
-    models, methods, groups = plotting.group_runs(runs)
+    models, methods, groups = results.group_runs(runs)
     assert models == ["Tiny-0.5B", "Tiny-1.5B"]
     assert methods == ["NSR", "PSR", "W_REINFORCE (λ=0.1)"]
     nsr = groups[("Tiny-0.5B", "NSR")]
@@ -110,25 +110,25 @@ def test_aggregation_across_seeds_and_within_run(loaded) -> None:
     psr = groups[("Tiny-0.5B", "PSR")].final()  # one seed: the run's own SE
     assert (psr.mean, psr.se, psr.n) == (pytest.approx(0.33), pytest.approx(0.025), 1)
     # baseline pools step 0 of all four 0.5B runs: 0.20 0.22 0.20 0.18
-    base = plotting.baseline([r for r in runs if r.model == "Tiny-0.5B"])
+    base = results.baseline([r for r in runs if r.model == "Tiny-0.5B"])
     assert base.mean == pytest.approx(0.20)
     assert base.se == pytest.approx(math.sqrt(0.0008 / 3) / 2)
     assert base.n == 4
-    pk = plotting.pass_at_k(nsr.runs, lambda r: r.final_step)
+    pk = results.pass_at_k(nsr.runs, lambda r: r.final_step)
     assert sorted(pk) == [1, 2, 4]
     assert pk[4].mean == pytest.approx(0.63) and pk[4].se == pytest.approx(0.03)
 
 
 def test_smooth_is_trailing_moving_average() -> None:
-    assert plotting.smooth([1.0, 3.0, 5.0, 9.0], 2) == [1.0, 2.0, 4.0, 7.0]
-    assert plotting.smooth([1.0, 3.0, 5.0], 1) == [1.0, 3.0, 5.0]
-    assert plotting.smooth([1.0, 3.0, 5.0], 3) == [1.0, 2.0, 3.0]
+    assert results.smooth([1.0, 3.0, 5.0, 9.0], 2) == [1.0, 2.0, 4.0, 7.0]
+    assert results.smooth([1.0, 3.0, 5.0], 1) == [1.0, 3.0, 5.0]
+    assert results.smooth([1.0, 3.0, 5.0], 3) == [1.0, 2.0, 3.0]
 
 
 def test_fmt_precision() -> None:
-    assert plotting.fmt(Stat(0.35, 0.05, 2)) == "35.0 ± 5.0"
-    assert plotting.fmt(Stat(0.125, math.nan, 1)) == "12.5"
-    assert plotting.fmt(None) == "–"
+    assert results.fmt(Stat(0.35, 0.05, 2)) == "35.0 ± 5.0"
+    assert results.fmt(Stat(0.125, math.nan, 1)) == "12.5"
+    assert results.fmt(None) == "–"
 
 
 def table_rows(md: str) -> list[list[str]]:
@@ -138,7 +138,7 @@ def table_rows(md: str) -> list[list[str]]:
 
 def test_results_md_holds_the_logged_numbers(loaded, logdir: Path) -> None:
     runs, skipped, _ = loaded
-    md = plotting.results_markdown(runs, skipped, logdir)
+    md = results.results_markdown(runs, skipped, logdir)
     assert "## NSR: pass@1 (%) at each eval step" in md
     rows = table_rows(md)
     assert ["Model", "Seeds", "step 0", "step 2", "step 4"] in rows
@@ -181,10 +181,10 @@ def test_cli_on_demo_logs_writes_valid_figures(tmp_path: Path) -> None:
 def test_rerun_with_the_same_seed_is_warned_about(tmp_path: Path) -> None:
     for name in ["r1", "r1_rerun"]:
         write_run(tmp_path, name, {0: ev(0.1), 1: ev(0.2)}, cfg("m/M", "PSR", 7))
-    runs, skipped, warnings = plotting.read_runs(tmp_path)
+    runs, skipped, warnings = results.read_runs(tmp_path)
     assert len(runs) == 2 and not skipped
     assert [name for name, _ in warnings] == ["r1, r1_rerun"]
-    md = plotting.results_markdown(runs, skipped, tmp_path, warnings)
+    md = results.results_markdown(runs, skipped, tmp_path, warnings)
     assert "## Warnings" in md and "same seed in several runs of M PSR" in md
 
 
@@ -230,10 +230,10 @@ def test_plots_from_real_training_runs(tmp_path: Path, tiny_model_dir, tiny_data
         p1 = {e.step: e.value for e in acc.Scalars("eval/pass@1")}
         se = {e.step: e.value for e in acc.Scalars("eval/pass@1_se")}
         assert sorted(p1) == [0, 1, 2]
-        cells = [plotting.fmt(Stat(p1[s], se[s], 1)) for s in sorted(p1)]
+        cells = [results.fmt(Stat(p1[s], se[s], 1)) for s in sorted(p1)]
         assert [model, "1", *cells] in rows
         p2 = {e.step: e.value for e in acc.Scalars("eval/pass@2")}
-        assert [model, obj, "1 seed", "2", cells[-1], plotting.fmt(Stat(p2[2], math.nan, 1))] \
+        assert [model, obj, "1 seed", "2", cells[-1], results.fmt(Stat(p2[2], math.nan, 1))] \
             in rows
 
 
