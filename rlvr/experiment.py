@@ -169,10 +169,14 @@ def run(cfg: Config) -> dict:
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_dir = resolve_model_dir(cfg.model_id)
-    tokenizer = load_tokenizer(model_dir)
     gc = {"true": True, "false": False}.get(cfg.gradient_checkpointing, "auto")
-    policy = load_policy(model_dir, device, gc)
+    try:
+        model_dir = resolve_model_dir(cfg.model_id)
+        tokenizer = load_tokenizer(model_dir)
+        policy = load_policy(model_dir, device, gc)
+    except (OSError, ValueError) as e:  # a bad path or hub id, an unsupported model
+        raise SystemExit(f"error: cannot load --model_id {cfg.model_id}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
     eos_ids = eos_token_ids(policy, tokenizer)
     engine = make_engine(cfg.backend, policy, tokenizer, model_dir, eos_ids, cfg)
     seed_everything(cfg.seed)  # after the engine: vLLM's in-process engine reseeds global RNGs

@@ -162,3 +162,12 @@ def test_resume_without_a_checkpoint_restarts_from_step_0(tmp_path, tiny_model_d
     assert "restarting the run from step 0" in proc.stdout
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 1]  # eval 0, train 1, eval 1: nothing left from the crashed process
+
+
+def test_bad_model_id_is_a_one_line_error_and_writes_nothing(tmp_path, tiny_data_dir):
+    proc = run_cli("--backend", "hf", "--model_id", str(tmp_path / "no_such_model"),
+                   "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "runs"))
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error: cannot load --model_id")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
