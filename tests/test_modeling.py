@@ -100,3 +100,18 @@ def test_hf_engine_greedy_is_deterministic(policy_and_tok):
 def test_policy_weights_are_fp32_masters(policy_and_tok):
     model, _ = policy_and_tok
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_models_whose_logits_are_not_a_plain_projection_are_refused(tiny_model_dir, tmp_path):
+    """token_logprobs computes hidden @ lm_head.weight^T; a softcapped or scaled head would get
+    silently wrong log-probs, so it is refused at load time."""
+    import json
+    import shutil
+
+    bad = tmp_path / "softcapped"
+    shutil.copytree(tiny_model_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["final_logit_softcapping"] = 30.0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        load_policy(str(bad), CPU, gradient_checkpointing=False)

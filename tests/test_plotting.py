@@ -169,12 +169,14 @@ def test_cli_on_demo_logs_writes_valid_figures(tmp_path: Path) -> None:
     logdir, out = tmp_path / "runs", tmp_path / "vis"
     write_demo_logs(logdir, n_evals=5)
     res = subprocess.run([sys.executable, "plot_results.py", "--logdir", str(logdir), "--out",
-                          str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          str(out), "--note", "DEMO DATA"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert sorted(Path(p).name for p in res.stdout.split()) == sorted(OUTPUTS)
     for name in plotting.FIGURES:
         check_png(out / name)
     md = (out / "results.md").read_text()
+    assert md.startswith("> DEMO DATA\n")  # --note marks results.md (and the figures)
     assert "| Qwen2.5-7B-Instruct | GRPO | 2 seeds | 200 |" in md
 
 
