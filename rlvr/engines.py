@@ -7,34 +7,10 @@ penalty) must never leak in, or the rollouts are not samples of the policy being
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
-from rlvr.modeling import autocast_ctx
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]        # exactly the sampled ids, including the EOS if one was emitted
-    text: str                   # decoded without special tokens, for grading
-    truncated: bool             # stopped by max_tokens rather than by an EOS
-    logprobs: list[float] | None = None  # the engine's post-temperature log-probs, if asked for
-
-
-class RolloutEngine(Protocol):
-    name: str
-
-    def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 return_logprobs: bool = False) -> list[list[Completion]]:
-        """`n` completions for each prompt (token ids); temperature 0 means greedy."""
-
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Make the next `generate` sample from `policy`'s current weights."""
-
-    def sleep(self) -> None:
-        """Release accelerator memory while the policy trains (no-op where unsupported)."""
+from rlvr.logprobs import autocast_ctx
+from rlvr.rollout import Completion
 
 
 class HFEngine:
@@ -47,14 +23,15 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
 
-    def _generation_config(self, temperature: float, max_tokens: int, scores: bool):
+    def _generation_config(self, temperature: float, max_tokens: int, scores: bool,
+                           top_p: float = 1.0):
         from transformers import GenerationConfig
 
         greedy = temperature == 0
         # Every sampling knob is set explicitly: generate() fills unset (None) values first from
         # the checkpoint's generation_config and then from global defaults (top_k 50).
         return GenerationConfig(
-            do_sample=not greedy, temperature=1.0 if greedy else temperature, top_k=0, top_p=1.0,
+            do_sample=not greedy, temperature=1.0 if greedy else temperature, top_k=0, top_p=top_p,
             min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
             no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, bad_words_ids=None,
             suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
@@ -64,7 +41,7 @@ class HFEngine:
         )
 
     @torch.no_grad()
-    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False):
+    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False, top_p=1.0):
         model = self.policy
         device = next(model.parameters()).device
         was_training = model.training
@@ -89,7 +66,7 @@ class HFEngine:
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=attn.to(device),
                     generation_config=self._generation_config(temperature, max_tokens,
-                                                              return_logprobs),
+                                                              return_logprobs, top_p),
                 )
         finally:
             model.generation_config = own_config

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr.modeling import autocast_ctx, collate, token_logprobs
+from rlvr.logprobs import autocast_ctx, collate, token_logprobs
 from rlvr.objectives import clipped_policy_loss, ratio_stats
 
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from rlvr.engines import Completion
+from rlvr.rollout import Completion
 
 # Must be set before vllm is imported: the in-process engine is what makes the model reachable
 # for the in-place weight push. The FlashInfer sampler is not available on the device here.
@@ -49,13 +49,13 @@ class VLLMEngine:
         )
         self.last_sync_s = 0.0
 
-    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False):
+    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False, top_p=1.0):
         from vllm import SamplingParams
 
         self._wake()
         greedy = temperature == 0
         sp = SamplingParams(
-            n=n, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=0, min_p=0.0,
+            n=n, temperature=0.0 if greedy else temperature, top_p=top_p, top_k=0, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
             max_tokens=max_tokens, stop_token_ids=self.eos_ids, skip_special_tokens=True,
             logprobs=0 if return_logprobs else None,

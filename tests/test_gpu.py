@@ -21,14 +21,8 @@ pytest.importorskip("vllm")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.models import build_random_qwen, math_texts  # noqa: E402
 from rlvr.config import Config  # noqa: E402
-from rlvr.modeling import (  # noqa: E402
-    autocast_ctx,
-    collate,
-    eos_token_ids,
-    load_policy,
-    load_tokenizer,
-    token_logprobs,
-)
+from rlvr.logprobs import autocast_ctx, collate, token_logprobs  # noqa: E402
+from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer  # noqa: E402
 from rlvr.prompts import encode_prompt  # noqa: E402
 from rlvr.vllm_engine import VLLMEngine, _load_weights_on_worker  # noqa: E402
 

@@ -4,7 +4,8 @@ learning rates are not rounded away; several mini-batches make the clip act."""
 import pytest
 import torch
 
-from rlvr.modeling import collate, load_policy, token_logprobs
+from rlvr.logprobs import collate, token_logprobs
+from rlvr.modeling import load_policy
 from rlvr.objectives import compute_advantages
 from rlvr.training import UpdateBatch, compute_old_logprobs, make_optimizer, policy_update
 

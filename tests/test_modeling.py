@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rlvr.engines import HFEngine
-from rlvr.modeling import collate, eos_token_ids, load_policy, load_tokenizer, token_logprobs
+from rlvr.logprobs import collate, token_logprobs
+from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer
 from rlvr.prompts import encode_prompt
 
 CPU = torch.device("cpu")

@@ -1,0 +1,39 @@
+"""What a rollout engine returns, and the interface both engines (HF and vLLM) implement.
+
+Kept apart from the engines so that `engines.make_engine` can import the vLLM engine and the vLLM
+engine can use these types without importing `engines` back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]        # exactly the sampled ids, including the EOS if one was emitted
+    text: str                   # decoded without special tokens, for grading
+    truncated: bool             # stopped by max_tokens rather than by an EOS
+    logprobs: list[float] | None = None  # the engine's post-temperature log-probs, if asked for
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 return_logprobs: bool = False, top_p: float = 1.0) -> list[list[Completion]]:
+        """`n` completions for each prompt (token ids); temperature 0 means greedy.
+
+        Sampling is exactly `temperature` and nucleus `top_p` (1.0 = the full distribution, as
+        training needs), top-k off, no repetition penalty. `return_logprobs` asks for each sampled
+        token's log-prob under that processed distribution.
+        """
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Make the next `generate` sample from `policy`'s current weights."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory while the policy trains (no-op where unsupported)."""
