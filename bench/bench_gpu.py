@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from bench.models import build_random_qwen, math_texts  # noqa: E402
 from rlvr.config import Config  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
+from rlvr.engines import make_engine  # noqa: E402
 from rlvr.experiment import encode_problems, evaluate  # noqa: E402
 from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
@@ -200,7 +201,7 @@ def main() -> None:
     tok = load_tokenizer(str(model_dir))
     t0 = time.perf_counter()
     policy = load_policy(str(model_dir), torch.device("cuda"), "auto")
-    engine = VLLMEngine(str(model_dir), tok, eos_token_ids(policy, tok), cfg)
+    engine = make_engine("vllm", policy, tok, str(model_dir), eos_token_ids(policy, tok), cfg)
     r["init_s"] = time.perf_counter() - t0
     r["peak_bf16_tflops"] = measured_bf16_peak_tflops()
     train = encode_problems(load_subset(args.data_dir, "train"), tok, cfg)

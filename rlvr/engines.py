@@ -115,4 +115,7 @@ def make_engine(backend: str, policy, tokenizer, model_dir: str, eos_ids: list[i
         raise RuntimeError("--backend vllm needs a CUDA GPU and the vllm package")
     from rlvr.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_dir, tokenizer, eos_ids, cfg)
+    return VLLMEngine(
+        model_dir, tokenizer, eos_ids, seed=cfg.seed, max_num_seqs=cfg.vllm_max_num_seqs,
+        max_model_len=cfg.max_prompt_tokens + max(cfg.max_tokens, cfg.eval_max_tokens or 0),
+        sleep_mode=cfg.vllm_sleep, gpu_mem_util=cfg.gpu_mem_util)

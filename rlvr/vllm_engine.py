@@ -29,18 +29,23 @@ def _load_weights_on_worker(worker, weights):
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model_dir: str, tokenizer, eos_ids: list[int], cfg):
+    def __init__(self, model_dir: str, tokenizer, eos_ids: list[int], *, max_model_len: int,
+                 seed: int, max_num_seqs: int = 512, sleep_mode: bool = False,
+                 kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None):
+        """`kv_cache_bytes` sizes the KV cache exactly (the memory plan's figure); without it vLLM
+        takes `gpu_mem_util` of the card for weights + KV cache (0.9 when neither is given)."""
         from vllm import LLM
 
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.sleep_mode = cfg.vllm_sleep
+        self.sleep_mode = sleep_mode
         self.asleep = False
-        max_model_len = cfg.max_prompt_tokens + max(cfg.max_tokens, cfg.eval_max_tokens or 0)
+        memory = ({"kv_cache_memory_bytes": int(kv_cache_bytes)} if kv_cache_bytes
+                  else {"gpu_memory_utilization": gpu_mem_util or 0.9})
         self.llm = LLM(
-            model=model_dir, dtype="bfloat16", gpu_memory_utilization=cfg.gpu_mem_util,
-            enable_prefix_caching=True, enable_sleep_mode=cfg.vllm_sleep,
-            max_model_len=max_model_len, seed=cfg.seed, max_num_seqs=cfg.vllm_max_num_seqs,
+            model=model_dir, dtype="bfloat16", enable_prefix_caching=True,
+            enable_sleep_mode=sleep_mode, max_model_len=max_model_len, seed=seed,
+            max_num_seqs=max_num_seqs, **memory,
             # the checkpoint's generation_config (top_k 20, top_p 0.8, ...) must not become the
             # default sampling parameters
             generation_config="vllm",

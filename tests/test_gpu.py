@@ -20,7 +20,6 @@ pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.models import build_random_qwen, math_texts  # noqa: E402
-from rlvr.config import Config  # noqa: E402
 from rlvr.logprobs import autocast_ctx, collate, token_logprobs  # noqa: E402
 from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer  # noqa: E402
 from rlvr.prompts import encode_prompt  # noqa: E402
@@ -46,9 +45,8 @@ def setup(tmp_path_factory):
     model_dir = build_random_qwen("0.5B", root / "0.5B", texts)
     tok = load_tokenizer(str(model_dir))
     policy = load_policy(str(model_dir), CUDA, gradient_checkpointing=False)
-    cfg = Config(model_id=str(model_dir), vllm_sleep=True, gpu_mem_util=0.3, max_tokens=64,
-                 max_prompt_tokens=512)
-    engine = VLLMEngine(str(model_dir), tok, eos_token_ids(policy, tok), cfg)
+    engine = VLLMEngine(str(model_dir), tok, eos_token_ids(policy, tok), max_model_len=576,
+                        seed=0, sleep_mode=True, gpu_mem_util=0.3)
     prompts = [encode_prompt(tok, t[:300]) for t in texts[:4]]
     return policy, tok, engine, prompts
 
