@@ -1,19 +1,26 @@
-"""Run configuration: one dataclass, mapped field by field onto argparse.
+"""Run configuration: one dataclass, presets as data, mapped field by field onto argparse.
 
-Defaults reproduce the published setup (Qwen2.5-0.5B-Instruct, 80 steps of 64 rollouts = 32 prompts
-x 2 samples, 512 new tokens, lr 1e-6, one update per step, eval every 10 steps).
+A setting's value comes from, later winning: the dataclass default (which is the `seed` preset),
+the chosen `--preset`'s table, then the flags given on the command line. On `--resume` the run's
+saved config.json replaces the first two, so only the flags that should change need retyping, and
+only settings that do not change what the run is (`RESUMABLE_FIELDS`) may change.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlvr.objectives import OBJECTIVES
+from rlvr.objectives import LOSS_AGGREGATIONS, OBJECTIVES, ROLLOUT_IS_MODES
 from rlvr.prompts import PROMPT_STYLES
+
+# Kept in step with rlvr/optimizers.py's OPTIMIZERS (a test checks), without importing torch here.
+OPTIM_CHOICES = ("auto", "adamw", "adamw_kahan", "adamw_8bit", "adamw_offload")
 
 
 def _opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse's keyword
@@ -22,12 +29,15 @@ def _opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse's keyword
 
 @dataclass
 class Config:
+    preset: str = _opt("seed", "settings table to start from: 'seed' = the published small-scale "
+                       "study (these defaults), 'paper' = the paper's own run (see README)",
+                       choices=("seed", "paper"))
     # --- what to train
     objective: str = _opt("NSR", "training objective", choices=OBJECTIVES)
     model_id: str = _opt("Qwen/Qwen2.5-0.5B-Instruct",
                          "HF hub id, local HF model directory, or a .gguf file")
     lambda_psr: float = _opt(0.1, "weight of correct samples in W_REINFORCE (REINFORCE uses 1)")
-    prompt_style: str = _opt("default", "user prompt wording; 'paper' = the paper's exact sentence",
+    prompt_style: str = _opt("paper", "user prompt wording; 'paper' is the paper's exact sentence",
                              choices=tuple(PROMPT_STYLES))
     # --- rollouts
     max_tokens: int = _opt(512, "max new tokens per rollout")
@@ -38,29 +48,56 @@ class Config:
     max_prompt_tokens: int = _opt(1024, "longer prompts are skipped and counted")
     # --- updates
     mini_batch_size: int | None = _opt(
-        None, "samples per optimizer step (default: the rollout batch, one update per step; "
-              "16 gives the paper's four off-policy updates)")
-    micro_batch_size: int = _opt(16, "samples per forward/backward (memory only; accumulation is "
-                                     "derived)")
+        None, "samples per optimizer step; the default, the whole rollout batch, gives one update "
+              "per step. PSR/NSR split their kept samples (see --loss_agg)")
+    loss_agg: str = _opt("paper", "loss normaliser. paper: keep the objective's samples, split "
+                         "them into mini-batches, token mean x kept/mini_batch_size (the paper's "
+                         "code); batch_token_mean: split all samples, divide by every response "
+                         "token of the mini-batch (grad PSR + grad NSR = grad REINFORCE)",
+                         choices=LOSS_AGGREGATIONS)
     lr: float = _opt(1e-6, "AdamW learning rate (constant, no warm-up)")
+    adam_betas: tuple[float, float] = _opt((0.9, 0.999), "AdamW betas", nargs=2)
     clip_range: float = _opt(0.2, "PPO clip epsilon")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm")
-    gradient_checkpointing: str = _opt("auto", "recompute activations in backward to save memory; "
-                                               "auto = on for models of 1B parameters or more",
-                                       choices=("auto", "true", "false"))
+    entropy_coef: float = _opt(0.0, "entropy bonus (token mean); the paper's config has 0.001")
+    kl_coef: float = _opt(0.0, "k3 (low-variance) KL to a frozen copy of the initial policy; the "
+                               "paper uses 1e-3 for its GRPO/PPO baselines, 0 for PSR/NSR")
+    rollout_is: str = _opt("none", "correct the sampler/trainer mismatch: tis = token-level "
+                           "truncated IS weight min(pi_old/pi_sampler, cap); mis = sequence-level "
+                           "IS weight, sequences over the cap masked out", choices=ROLLOUT_IS_MODES)
+    rollout_is_cap: float = _opt(2.0, "cap of the importance-sampling weight (--rollout_is)")
+    optim: str = _opt("auto", "optimizer: adamw (fp32 master weights, exact), adamw_kahan (bf16 "
+                              "weights, Kahan-compensated), adamw_8bit (8-bit state), "
+                              "adamw_offload (state on the CPU); auto = exact where it fits the "
+                              "memory budget",
+                      choices=OPTIM_CHOICES)
+    # --- GPU memory (see rlvr/memory.py)
+    gpu_memory_gb: float | None = _opt(None, "GPU memory budget in GiB (default: the whole card); "
+                                             "the memory plan must fit it")
+    micro_batch_tokens: int | None = _opt(None, "padded tokens per forward/backward (memory only; "
+                                                "default: from the memory plan)")
+    gradient_checkpointing: str = _opt("auto", "recompute activations in backward; auto = as the "
+                                               "memory plan decides", choices=("auto", "true",
+                                                                               "false"))
+    vllm_sleep: str = _opt("auto", "put vLLM to sleep (level 2) while the policy trains; auto = "
+                                   "when the memory plan needs the room",
+                           choices=("auto", "true", "false"))
+    gpu_mem_util: float | None = _opt(None, "expert override: share of the card for vLLM's weights "
+                                            "+ KV cache, instead of the plan's KV size")
+    dry_run: bool = _opt(False, "print the memory plan and exit (reads only the model's "
+                                "config.json)")
     # --- evaluation
     eval_every: int = _opt(10, "evaluate every N steps (also at step 0 and after the last step)")
     eval_n: int = _opt(4, "samples per eval problem (pass@k for k = 1, 2, 4, ... <= n)")
     eval_temperature: float = _opt(1.0, "eval sampling temperature; 0 = greedy with n = 1")
+    eval_top_p: float = _opt(1.0, "eval nucleus sampling top-p")
     eval_limit: int | None = _opt(None, "evaluate on a stratified seeded sample of this many test "
                                         "problems (default: the whole test subset)")
     eval_max_tokens: int | None = _opt(None, "max new tokens at eval (default: --max_tokens)")
-    # --- engine and hardware
+    # --- engine
     backend: str = _opt("auto", "rollout engine: vllm when CUDA and vllm are present, else hf",
                         choices=("auto", "vllm", "hf"))
-    gpu_mem_util: float = _opt(0.35, "share of GPU memory vLLM may take (weights + KV cache)")
-    vllm_sleep: bool = _opt(False, "put vLLM to sleep during updates (frees its KV cache; for 3B)")
     vllm_max_num_seqs: int = _opt(512, "most sequences vLLM decodes at once (512 = its largest "
                                        "CUDA-graph batch; bigger batches run without graphs)")
     grader_workers: int | None = _opt(None, "math-verify worker processes (default: min(8, cpus))")
@@ -70,11 +107,14 @@ class Config:
     output_dir: str = _opt("runs", "parent directory of run directories")
     exp_name: str | None = _opt(None, "run name (default: <model>_<objective>[_lam<l>]_s<seed>)")
     save_every: int = _opt(20, "checkpoint every N steps (and always at the end); 0 = end only")
-    resume: bool = _opt(False, "continue the run in output_dir/exp_name from its last checkpoint")
+    resume: bool = _opt(False, "continue the run in output_dir/exp_name from its last checkpoint, "
+                               "with its saved settings (flags given now override resumable ones)")
     seed: int = _opt(42, "seed for data order, sampling and initialisation")
     n_eval_examples_logged: int = _opt(4, "eval responses shown as TensorBoard text per eval")
     logprob_gap_every: int = _opt(10, "every N steps (and step 1) also fetch the engine's sampling "
-                                      "log-probs and log their gap to the trainer's; 0 = never")
+                                      "log-probs and log their gap to the trainer's; 0 = never "
+                                      "(every step with --rollout_is)")
+    debug: bool = _opt(False, "keep third-party progress bars and warnings in the log")
 
     @property
     def prompts_per_step(self) -> int:
@@ -92,39 +132,89 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
-    def validate(self) -> None:
-        """Raise ValueError with a one-line message for inconsistent settings."""
-        mb = self.mini_batch_size or self.rollout_batch_size
+    @property
+    def mini_batch(self) -> int:
+        return self.mini_batch_size or self.rollout_batch_size
+
+    def validate(self) -> str | None:
+        """The first inconsistent or out-of-range setting, as a one-line message; None if fine."""
+        positive_ints = ("max_tokens", "rollout_batch_size", "rollouts_per_prompt",
+                         "max_prompt_tokens", "eval_every", "eval_n", "vllm_max_num_seqs",
+                         "mini_batch_size", "micro_batch_tokens", "eval_limit", "eval_max_tokens",
+                         "grader_workers")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                return f"--{name} must be >= 1, got {value}"
+        for name in ("n_train_steps", "save_every", "logprob_gap_every", "n_eval_examples_logged",
+                     "weight_decay", "entropy_coef", "kl_coef", "lambda_psr"):
+            if getattr(self, name) < 0:
+                return f"--{name} must be >= 0, got {getattr(self, name)}"
+        for name in ("lr", "clip_range", "max_grad_norm", "grade_timeout_s", "temperature"):
+            if not getattr(self, name) > 0:
+                return f"--{name} must be > 0, got {getattr(self, name)}"
         checks = [
             (self.rollout_batch_size % self.rollouts_per_prompt == 0,
              "--rollout_batch_size must be a multiple of --rollouts_per_prompt"),
-            (self.rollout_batch_size % mb == 0,
+            (self.rollout_batch_size % self.mini_batch == 0,
              "--rollout_batch_size must be a multiple of --mini_batch_size"),
-            (mb % self.micro_batch_size == 0 or self.micro_batch_size >= mb,
-             "--mini_batch_size must be a multiple of --micro_batch_size"),
             (self.objective != "GRPO" or self.rollouts_per_prompt >= 2,
              "GRPO needs --rollouts_per_prompt >= 2"),
-            (self.temperature > 0, "--temperature must be > 0 (log-probs are of the sampling "
-                                   "distribution)"),
             (self.eval_temperature >= 0, "--eval_temperature must be >= 0"),
-            (self.n_train_steps >= 0 and self.eval_every > 0, "steps must be positive"),
-            (self.max_tokens > 0 and self.eval_n > 0, "--max_tokens and --eval_n must be > 0"),
-            (0 < self.gpu_mem_util < 1, "--gpu_mem_util must be in (0, 1)"),
+            (0 < self.eval_top_p <= 1, "--eval_top_p must be in (0, 1]"),
+            (all(0 <= b < 1 for b in self.adam_betas), "--adam_betas must be in [0, 1)"),
+            (self.rollout_is_cap > 1, "--rollout_is_cap must be > 1"),
+            (self.gpu_mem_util is None or 0 < self.gpu_mem_util < 1,
+             "--gpu_mem_util must be in (0, 1)"),
+            (self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "--gpu_memory_gb must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                return msg
+        if self.backend == "vllm" and not self.dry_run:
+            return _vllm_missing()
+        return None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def _vllm_missing() -> str | None:
+    """Why --backend vllm cannot run here, found without importing vllm or initialising CUDA."""
+    if importlib.util.find_spec("vllm") is None:
+        return "--backend vllm needs the vllm package (pip install -r requirements.txt)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "--backend vllm needs a CUDA GPU; use --backend hf (or auto) on this machine"
+    return None
+
+
+# The `paper` preset: run_qwen2.5-math-7b_psr_nsr.sh of the paper's repo (a verl fork) and the
+# verl defaults it inherits. Only the settings that differ from the seed preset are listed.
+PRESETS: dict[str, dict] = {
+    "seed": {},
+    "paper": {
+        "rollout_batch_size": 8192,   # 1,024 prompts x 8 rollouts
+        "rollouts_per_prompt": 8,
+        "mini_batch_size": 2048,      # ppo_mini_batch_size 256 prompts x 8: 4 updates per step
+        "max_tokens": 3072,
+        "n_train_steps": 140,         # 20 epochs x 7 steps of the 7,500-problem MATH train split
+        "entropy_coef": 0.001,        # ppo_trainer.yaml's entropy_coeff, never overridden there
+        "data_dir": "data/math_full",  # python data_prep.py --fraction 1.0 --output_dir ...
+        "eval_every": 7,              # test_freq 7 (once an epoch)
+        "eval_temperature": 0.0,      # its in-loop validation is greedy
+        "eval_max_tokens": 3072,
+    },
+}
+
 # Settings a resumed run may change; anything else would make the continued run a different one.
-RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature", "eval_limit",
-                    "eval_max_tokens", "save_every", "resume", "n_eval_examples_logged",
-                    "grader_workers", "grade_timeout_s", "backend", "gpu_mem_util",
-                    "vllm_sleep", "vllm_max_num_seqs", "output_dir",
-                    "logprob_gap_every"}
+RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature", "eval_top_p",
+                    "eval_limit", "eval_max_tokens", "save_every", "resume",
+                    "n_eval_examples_logged", "grader_workers", "grade_timeout_s", "backend",
+                    "gpu_mem_util", "vllm_sleep", "vllm_max_num_seqs", "output_dir",
+                    "logprob_gap_every", "gpu_memory_gb", "micro_batch_tokens",
+                    "gradient_checkpointing", "dry_run", "debug"}
 
 
 def _parse_bool(text: str) -> bool:
@@ -135,23 +225,36 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _help_text(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    if f.default is not None and f.type != "bool":
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        text += f" (default: {default}"
+        if f.name in PRESETS["paper"]:
+            text += f"; paper preset: {PRESETS['paper'][f.name]}"
+        text += ")"
+    elif f.name in PRESETS["paper"]:
+        text += f" (paper preset: {PRESETS['paper'][f.name]})"
+    return text.replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Flags only: nothing is filled in unless given, so presets and resumes can tell."""
     parser = argparse.ArgumentParser(
         description="RL fine-tuning on MATH with NSR / PSR / W-REINFORCE (Zhu et al., 2025).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
     for f in dataclasses.fields(Config):
-        kw = {"default": f.default, "help": f.metadata["help"]}
+        kw: dict = {"help": _help_text(f)}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        if f.type in ("bool",):
-            if f.name == "resume":
-                kw["action"] = "store_true"
-            else:
-                kw.update(type=_parse_bool, metavar="{true,false}")
+        if f.type == "bool":
+            kw["action"] = "store_true"
+        elif f.type == "tuple[float, float]":
+            kw.update(type=float, nargs=f.metadata["nargs"], metavar=("B1", "B2"))
         elif f.type in ("int", "int | None"):
             kw["type"] = int
-        elif f.type in ("float",):
+        elif f.type in ("float", "float | None"):
             kw["type"] = float
         else:
             kw["type"] = str
@@ -159,17 +262,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _coerce(values: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(Config)}
+    out = {k: v for k, v in values.items() if k in names}
+    if "adam_betas" in out:
+        out["adam_betas"] = tuple(out["adam_betas"])
+    return out
+
+
+def resolve(explicit: dict, saved: dict | None = None) -> Config:
+    """The Config that `explicit` flags give on top of a preset, or on top of a saved run."""
+    if saved is None:
+        preset = explicit.get("preset", "seed")
+        return Config(**{**PRESETS[preset], **_coerce(explicit)})
+    base = Config(**_coerce(saved))
+    changed = [k for k, v in _coerce(explicit).items()
+               if k not in RESUMABLE_FIELDS and v != getattr(base, k)]
+    if changed:
+        raise ValueError("--resume continues a run with its saved settings; these cannot change: "
+                         + ", ".join(f"--{k} {getattr(base, k)!r} -> {explicit[k]!r}"
+                                     for k in changed))
+    return dataclasses.replace(base, **{k: v for k, v in _coerce(explicit).items()
+                                        if k in RESUMABLE_FIELDS})
+
+
+def fail(message: str) -> None:
+    """A bad command line: one line on stderr, exit status 2 (as argparse's own errors)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    args = build_parser().parse_args(argv)
-    cfg = Config(**vars(args))
+    explicit = vars(build_parser().parse_args(argv))
+    saved = None
+    if explicit.get("resume"):
+        run_dir = resolve({k: v for k, v in explicit.items() if k != "resume"}).run_dir
+        if (run_dir / "config.json").is_file():
+            try:
+                saved = json.loads((run_dir / "config.json").read_text())
+            except json.JSONDecodeError as e:
+                fail(f"cannot resume: {run_dir / 'config.json'} is not valid JSON ({e.msg})")
     try:
-        cfg.validate()
+        cfg = resolve(explicit, saved)
     except ValueError as e:
-        build_parser().error(str(e))
+        fail(str(e))
+    if (msg := cfg.validate()) is not None:
+        fail(msg)
     return cfg
 
 
 def load_config(path: Path) -> Config:
-    data = json.loads(Path(path).read_text())
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in data.items() if k in names})
+    return Config(**_coerce(json.loads(Path(path).read_text())))

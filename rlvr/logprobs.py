@@ -25,15 +25,21 @@ def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 def _chunk_logp_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logp_all = torch.log_softmax(F.linear(hidden, weight).float() * inv_temp, dim=-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
+                        inv_temp: float, entropy_grad: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(hidden, weight).float() * inv_temp
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    # H = lse - sum_v p_v * logit_v; without an entropy bonus no gradient flows through it, so
+    # keep it out of the autograd graph (nothing of it saved for backward)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
 
 
 def token_logprobs(
     model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False,
-    chunk_tokens: int = LOGIT_CHUNK_TOKENS,
+    chunk_tokens: int = LOGIT_CHUNK_TOKENS, entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, T] of the response tokens under the sampling distribution (logits / T).
 
@@ -41,7 +47,8 @@ def token_logprobs(
     response tokens, `positions` [B, T] (index of the hidden state that predicts each token),
     `targets` [B, T] and `response_mask` [B, T]. Only the response positions are projected onto
     the vocabulary, in chunks; under autograd each chunk is recomputed in backward, so no more than
-    one chunk of fp32 logits is alive at a time. Entropy (no grad) is returned when asked.
+    one chunk of fp32 logits is alive at a time. With `with_entropy` the per-token entropy [B, T]
+    comes too; it carries a gradient only with `entropy_grad` (an entropy bonus).
     """
     hidden = model.model(input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"]).last_hidden_state
@@ -54,14 +61,18 @@ def token_logprobs(
     logps, ents = [], []
     for s in range(0, flat_h.shape[0], chunk_tokens):
         hc, tc = flat_h[s:s + chunk_tokens], flat_t[s:s + chunk_tokens]
-        if with_entropy:
+        if with_entropy and torch.is_grad_enabled():
+            lp, ent = checkpoint(_chunk_logp_entropy, hc, weight, tc, inv_temp, entropy_grad,
+                                 use_reentrant=False)
+        elif with_entropy:
             lp, ent = _chunk_logp_entropy(hc, weight, tc, inv_temp)
-            ents.append(ent)
         elif torch.is_grad_enabled():
             lp = checkpoint(_chunk_logp, hc, weight, tc, inv_temp, use_reentrant=False)
         else:
             lp = _chunk_logp(hc, weight, tc, inv_temp)
         logps.append(lp)
+        if with_entropy:
+            ents.append(ent)
     shape = batch["targets"].shape
     mask = batch["response_mask"]
     logp = torch.cat(logps).view(shape) * mask

@@ -1,4 +1,9 @@
-"""The policy update: old log-probs once per step, then clipped policy-gradient mini-batches."""
+"""The policy update: optional old log-probs, then clipped policy-gradient mini-batches.
+
+Which samples each optimizer step sees, and what its loss is divided by, is
+`objectives.minibatch_schedule` (the paper's semantics by default). Micro-batches are a memory
+matter only: a token budget per forward/backward, never a change to the maths.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from rlvr.logprobs import autocast_ctx, collate, token_logprobs
-from rlvr.objectives import clipped_policy_loss, ratio_stats
+from rlvr.objectives import (
+    finish_mismatch_stats,
+    minibatch_schedule,
+    mismatch_stats,
+    per_token_loss,
+    ratio_stats,
+    rollout_is_weights,
+)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -53,113 +65,170 @@ class UpdateBatch:
     responses: list[list[int]]
     advantages: torch.Tensor  # [B]
     keep: torch.Tensor        # [B] bool
+    # The engine's log-probs of the sampled tokens, when it returned them (IS weights, gap stats).
+    sampler_logprobs: list[list[float]] | None = None
+
+    def seq_len(self, i: int) -> int:
+        return len(self.prompts[i]) + len(self.responses[i])
 
 
-def _micro_batches(idx: list[int], size: int) -> list[list[int]]:
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
+def micro_batches(idx: list[int], batch: UpdateBatch, max_tokens: int | None,
+                  max_samples: int | None = None) -> list[list[int]]:
+    """Split `idx` into forward/backward batches of at most `max_tokens` padded tokens (and
+    `max_samples` samples), longest first, so samples of similar length share a batch and a too
+    large budget fails on the first micro-batch rather than halfway through the step."""
+    order = sorted(idx, key=batch.seq_len, reverse=True)
+    out: list[list[int]] = []
+    for i in order:
+        cur = out[-1] if out else None
+        # padded size of `cur` + i = (len(cur) + 1) x the longest, which is cur[0]
+        fits = cur is not None and (max_tokens is None
+                                    or (len(cur) + 1) * batch.seq_len(cur[0]) <= max_tokens)
+        if fits and (max_samples is None or len(cur) < max_samples):
+            cur.append(i)
+        else:
+            out.append([i])
+    return out
 
 
-def _by_length(idx: list[int], batch: UpdateBatch) -> list[int]:
-    """Order samples by total length so each micro-batch pads to a similar length."""
-    return sorted(idx, key=lambda i: len(batch.prompts[i]) + len(batch.responses[i]))
-
-
-# A no-grad forward keeps no activations, so it can take several micro-batches at once.
+# A no-grad forward keeps no activations, so it can take several micro-batches' tokens at once.
 NO_GRAD_BATCH_FACTOR = 4
 
 
 @torch.no_grad()
-def compute_old_logprobs(model, batch: UpdateBatch, temperature: float, micro_batch_size: int,
-                         pad_id: int, device: torch.device) -> tuple[list[torch.Tensor], float]:
-    """log pi_old of every sampled token (the policy that generated the rollouts) and mean entropy.
+def compute_old_logprobs(model, batch: UpdateBatch, temperature: float, micro_batch_tokens: int,
+                         pad_id: int, device: torch.device, with_entropy: bool = True
+                         ) -> tuple[list[torch.Tensor], float]:
+    """log pi of every sampled token under `model` (no grad), and the mean entropy.
 
-    Computed once, before the step's first update, so later mini-batches have a fixed reference
-    and the PPO ratio can move away from 1.
+    With `model` = the policy before the step's first update this is pi_old: a fixed reference
+    for later mini-batches, so the PPO ratio can move away from 1. With a frozen copy of the
+    initial policy it gives the KL term's reference log-probs.
     """
+    was_training = model.training
     model.eval()
     old: list[torch.Tensor] = [torch.empty(0)] * len(batch.responses)
     ent_sum, n_tok = 0.0, 0
-    order = _by_length(list(range(len(batch.responses))), batch)
-    for mb in _micro_batches(order, micro_batch_size * NO_GRAD_BATCH_FACTOR):
+    for mb in micro_batches(list(range(len(batch.responses))), batch,
+                            micro_batch_tokens * NO_GRAD_BATCH_FACTOR):
         b = collate([batch.prompts[i] for i in mb], [batch.responses[i] for i in mb], pad_id,
                     device)
         with autocast_ctx(device):
-            logp, ent = token_logprobs(model, b, temperature, with_entropy=True)
-        ent_sum += ent.sum().item()
+            logp, ent = token_logprobs(model, b, temperature, with_entropy=with_entropy)
+        if with_entropy:
+            ent_sum += ent.sum().item()
         n_tok += int(b["response_mask"].sum().item())
         for j, i in enumerate(mb):
             old[i] = logp[j, :len(batch.responses[i])].float().cpu()
-    model.train()
+    model.train(was_training)
     return old, ent_sum / max(n_tok, 1)
 
 
-def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Tensor], *,
-                  temperature: float, clip_range: float, mini_batch_size: int,
-                  micro_batch_size: int, max_grad_norm: float, pad_id: int,
-                  device: torch.device, generator: torch.Generator) -> dict[str, float]:
-    """One pass over the step's samples in mini-batches, one optimizer step per mini-batch.
+def _padded(rows: list[torch.Tensor | list[float]], like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like)
+    for j, r in enumerate(rows):
+        r = torch.as_tensor(r, dtype=out.dtype)
+        out[j, :len(r)] = r.to(out.device)
+    return out
 
-    The loss of a mini-batch is the token mean over all response tokens of its kept samples; the
-    micro-batches accumulate gradients with the mini-batch's token count as normaliser. A
-    mini-batch with no kept sample, or with a non-finite loss or gradient, skips optimizer.step():
-    AdamW would otherwise still move the weights through momentum and weight decay.
+
+class _Stats:
+    """Running sums of what one step's update reports."""
+
+    def __init__(self) -> None:
+        self.loss = self.grad_norm = self.entropy = 0.0
+        self.n_updates = self.n_nonfinite = 0
+        self.ratio = {"n_clipped": 0.0, "n_tokens": 0.0, "ratio_sum": 0.0,
+                      "ratio_max": -math.inf, "ratio_min": math.inf}
+        self.mismatch: list[dict[str, float]] = []
+
+    def add_ratio(self, r: dict[str, float]) -> None:
+        self.ratio["ratio_max"] = max(self.ratio["ratio_max"], r["ratio_max"])
+        self.ratio["ratio_min"] = min(self.ratio["ratio_min"], r["ratio_min"])
+        for k in ("n_clipped", "n_tokens", "ratio_sum"):
+            self.ratio[k] += r[k]
+
+    def result(self, n_skipped_empty: int) -> dict[str, float]:
+        n_up, n_tok = max(self.n_updates, 1), self.ratio["n_tokens"]
+        return {
+            "loss": self.loss / n_up if self.n_updates else float("nan"),
+            "grad_norm": self.grad_norm / n_up if self.n_updates else 0.0,
+            "n_updates": self.n_updates,
+            "skipped_empty_minibatches": n_skipped_empty,
+            "nonfinite_minibatches": self.n_nonfinite,
+            "clip_frac": self.ratio["n_clipped"] / max(n_tok, 1.0),
+            "ratio_mean": self.ratio["ratio_sum"] / n_tok if n_tok else 1.0,
+            "ratio_max": self.ratio["ratio_max"] if n_tok else 1.0,
+            "ratio_min": self.ratio["ratio_min"] if n_tok else 1.0,
+            "entropy": self.entropy / n_tok if n_tok else float("nan"),
+            "train_tokens": n_tok,
+            **finish_mismatch_stats(self.mismatch),
+        }
+
+
+def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Tensor] | None, *,
+                  temperature: float, clip_range: float, mini_batch_size: int,
+                  max_grad_norm: float, pad_id: int, device: torch.device,
+                  generator: torch.Generator, micro_batch_size: int | None = None,
+                  micro_batch_tokens: int | None = None, loss_agg: str = "paper",
+                  entropy_coef: float = 0.0, kl_coef: float = 0.0,
+                  ref_logp: list[torch.Tensor] | None = None, rollout_is: str = "none",
+                  rollout_is_cap: float = 2.0) -> dict[str, float]:
+    """One pass over the step's samples, one optimizer step per mini-batch of the schedule.
+
+    `old_logp` None takes pi_old from the update's own forward (detached), which is exact when the
+    step has a single optimizer update: pi_old is then the very policy being differentiated, so
+    the ratio is exactly 1 and no separate no-grad pass is needed. Micro-batches hold at most
+    `micro_batch_tokens` padded tokens (and `micro_batch_size` samples) and accumulate gradients;
+    the schedule's normaliser makes them add up to the mini-batch loss. A mini-batch whose loss or
+    gradient is not finite skips optimizer.step().
     """
     B = len(batch.responses)
-    shuffle = mini_batch_size < B
-    order = torch.randperm(B, generator=generator).tolist() if shuffle else list(range(B))
-    stats = {"loss_sum": 0.0, "n_updates": 0, "n_skipped_empty": 0, "n_nonfinite": 0,
-             "grad_norm_sum": 0.0, "n_clipped": 0.0, "n_tokens": 0.0, "ratio_sum": 0.0,
-             "ratio_max": -math.inf, "ratio_min": math.inf}
+    order = torch.randperm(B, generator=generator).tolist() if mini_batch_size < B else list(
+        range(B))
+    lengths = [len(r) for r in batch.responses]
+    schedule = minibatch_schedule(batch.keep.tolist(), lengths, mini_batch_size, loss_agg, order)
+    if old_logp is None and len(schedule) > 1:
+        raise ValueError("old_logp=None needs a single optimizer update per step "
+                         f"(this step has {len(schedule)})")
+    n_possible = math.ceil(B / mini_batch_size) if loss_agg != "paper" else len(schedule)
+    stats = _Stats()
     model.train()
-    for mini in _micro_batches(order, mini_batch_size):
-        kept = [i for i in mini if bool(batch.keep[i]) and batch.responses[i]]
-        if not kept:
-            stats["n_skipped_empty"] += 1
-            continue
-        n_tokens = sum(len(batch.responses[i]) for i in kept)
+    for mini in schedule:
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
-        for micro in _micro_batches(_by_length(kept, batch), micro_batch_size):
+        for micro in micro_batches(mini.indices, batch, micro_batch_tokens, micro_batch_size):
             b = collate([batch.prompts[i] for i in micro], [batch.responses[i] for i in micro],
                         pad_id, device)
-            old = torch.zeros_like(b["response_mask"])
-            for j, i in enumerate(micro):
-                old[j, :len(batch.responses[i])] = old_logp[i].to(device)
-            adv = batch.advantages[micro].to(device)
+            mask = b["response_mask"]
             with autocast_ctx(device):
-                logp, _ = token_logprobs(model, b, temperature)
-            loss = clipped_policy_loss(logp, old, adv, b["response_mask"], clip_range,
-                                       normalizer=n_tokens)
+                logp, entropy = token_logprobs(model, b, temperature, with_entropy=True,
+                                               entropy_grad=entropy_coef > 0)
+            old = logp.detach() if old_logp is None else _padded([old_logp[i] for i in micro],
+                                                                  mask)
+            sampler = (_padded([batch.sampler_logprobs[i] for i in micro], mask)
+                       if batch.sampler_logprobs is not None else None)
+            weights = (rollout_is_weights(old, sampler, mask, rollout_is, rollout_is_cap)
+                       if rollout_is != "none" else None)
+            ref = _padded([ref_logp[i] for i in micro], mask) if kl_coef else None
+            per_tok = per_token_loss(logp, old, batch.advantages[micro].to(device), clip_range,
+                                     is_weights=weights, entropy=entropy,
+                                     entropy_coef=entropy_coef, ref_logp=ref, kl_coef=kl_coef)
+            loss = (per_tok * mask).sum() / mini.normalizer
             loss.backward()
             loss_total += loss.item()
-            for k, v in ratio_stats(logp, old, b["response_mask"], clip_range).items():
-                if k == "ratio_max":
-                    stats[k] = max(stats[k], v)
-                elif k == "ratio_min":
-                    stats[k] = min(stats[k], v)
-                else:
-                    stats[k] += v
+            stats.add_ratio(ratio_stats(logp, old, mask, clip_range))
+            stats.entropy += (entropy.detach() * mask).sum().item()
+            if sampler is not None:
+                stats.mismatch.append(mismatch_stats(old, sampler, mask, weights))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            stats["n_nonfinite"] += 1
+            stats.n_nonfinite += 1
             continue
         optimizer.step()
-        stats["loss_sum"] += loss_total
-        stats["grad_norm_sum"] += grad_norm
-        stats["n_updates"] += 1
+        stats.loss += loss_total
+        stats.grad_norm += grad_norm
+        stats.n_updates += 1
     optimizer.zero_grad(set_to_none=True)
-    n_up = max(stats["n_updates"], 1)
-    n_tok = max(stats["n_tokens"], 1.0)
-    return {
-        "loss": stats["loss_sum"] / n_up if stats["n_updates"] else float("nan"),
-        "grad_norm": stats["grad_norm_sum"] / n_up if stats["n_updates"] else 0.0,
-        "n_updates": stats["n_updates"],
-        "skipped_empty_minibatches": stats["n_skipped_empty"],
-        "nonfinite_minibatches": stats["n_nonfinite"],
-        "clip_frac": stats["n_clipped"] / n_tok,
-        "ratio_mean": stats["ratio_sum"] / n_tok if stats["n_tokens"] else 1.0,
-        "ratio_max": stats["ratio_max"] if stats["n_tokens"] else 1.0,
-        "ratio_min": stats["ratio_min"] if stats["n_tokens"] else 1.0,
-        "train_tokens": stats["n_tokens"],
-    }
+    return stats.result(n_possible - len(schedule))

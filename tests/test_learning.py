@@ -32,7 +32,7 @@ def train(model, objective: str, lr: float, steps: int, mini_batch_size: int = 4
     gen = torch.Generator().manual_seed(0)
     stats = []
     for _ in range(steps):
-        old, _ = compute_old_logprobs(model, batch, 1.0, 2, PAD, CPU)
+        old, _ = compute_old_logprobs(model, batch, 1.0, 32, PAD, CPU)
         stats.append(policy_update(model, opt, batch, old, temperature=1.0, clip_range=clip_range,
                                    mini_batch_size=mini_batch_size, micro_batch_size=2,
                                    max_grad_norm=1.0, pad_id=PAD, device=CPU, generator=gen))
@@ -80,16 +80,18 @@ def test_one_update_per_step_has_ratio_one_and_several_make_the_clip_act(model):
     assert four["clip_frac"] > 0.0 and abs(four["ratio_max"] - 1.0) > 0.2
 
 
-def test_a_minibatch_without_kept_samples_does_not_step(model):
+@pytest.mark.parametrize("loss_agg,skipped", [("paper", 0), ("batch_token_mean", 2)])
+def test_a_minibatch_without_kept_samples_does_not_step(model, loss_agg, skipped):
     opt = make_optimizer(model, lr=1e-2, weight_decay=0.01)
     adv, keep = compute_advantages(torch.ones(4), "NSR")  # all correct -> nothing kept
     batch = UpdateBatch(PROMPTS, RESPONSES, adv, keep)
     before = [p.detach().clone() for p in model.parameters()]
-    old, _ = compute_old_logprobs(model, batch, 1.0, 2, PAD, CPU)
+    old, _ = compute_old_logprobs(model, batch, 1.0, 32, PAD, CPU)
     s = policy_update(model, opt, batch, old, temperature=1.0, clip_range=0.2,
                       mini_batch_size=2, micro_batch_size=2, max_grad_norm=1.0, pad_id=PAD,
-                      device=CPU, generator=torch.Generator().manual_seed(0))
-    assert s["n_updates"] == 0 and s["skipped_empty_minibatches"] == 2
+                      device=CPU, generator=torch.Generator().manual_seed(0), loss_agg=loss_agg)
+    # paper: nothing kept means no mini-batch at all; batch_token_mean: two empty ones skipped
+    assert s["n_updates"] == 0 and s["skipped_empty_minibatches"] == skipped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # AdamW never stepped, so weight decay never touched the weights
     assert all(st["step"].item() == 0 for st in opt.state.values())
