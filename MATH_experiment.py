@@ -11,7 +11,11 @@ import sys
 
 if __name__ == "__main__":
     # Imported here, not at the top: the grader's spawned workers re-import this file as
-    # __mp_main__, and should not pay for torch and transformers.
+    # __mp_main__, and should not pay for torch and transformers. The flags are checked before
+    # torch is imported at all, so a bad one is a one-line error at once.
+    from rlvr.config import parse_config
+
+    cfg = parse_config()
     from rlvr.experiment import main
 
-    sys.exit(main())
+    sys.exit(main(cfg=cfg))

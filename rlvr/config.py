@@ -16,11 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlvr.objectives import LOSS_AGGREGATIONS, OBJECTIVES, ROLLOUT_IS_MODES
+from rlvr.choices import LOSS_AGGREGATIONS, OBJECTIVES, OPTIM_CHOICES, ROLLOUT_IS_MODES
 from rlvr.prompts import PROMPT_STYLES
-
-# Kept in step with rlvr/optimizers.py's OPTIMIZERS (a test checks), without importing torch here.
-OPTIM_CHOICES = ("auto", "adamw", "adamw_kahan", "adamw_8bit", "adamw_offload")
 
 
 def _opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse's keyword
@@ -241,6 +238,7 @@ def _help_text(f: dataclasses.Field) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """Flags only: nothing is filled in unless given, so presets and resumes can tell."""
     parser = argparse.ArgumentParser(
+        prog="MATH_experiment.py",
         description="RL fine-tuning on MATH with NSR / PSR / W-REINFORCE (Zhu et al., 2025).",
         argument_default=argparse.SUPPRESS,
     )

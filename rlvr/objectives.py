@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-OBJECTIVES = ("NSR", "PSR", "W_REINFORCE", "REINFORCE", "GRPO")
-LOSS_AGGREGATIONS = ("paper", "batch_token_mean")
-ROLLOUT_IS_MODES = ("none", "tis", "mis")
+from rlvr.choices import LOSS_AGGREGATIONS, OBJECTIVES
+
 GRPO_EPS = 1e-6
 KL_CLAMP = 10.0  # verl's low_var_kl clamps the k3 estimate to [-10, 10]
 

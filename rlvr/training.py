@@ -124,6 +124,13 @@ def compute_old_logprobs(model, batch: UpdateBatch, temperature: float, micro_ba
     return old, ent_sum / max(n_tok, 1)
 
 
+def needs_old_logprobs(batch: UpdateBatch, mini_batch_size: int, loss_agg: str) -> bool:
+    """Whether the step takes more than one optimizer update, so that pi_old must be fixed
+    before the first one (see `objectives.minibatch_schedule` for what each update sees)."""
+    n = int(batch.keep.sum()) if loss_agg == "paper" else len(batch.responses)
+    return n > mini_batch_size
+
+
 def _padded(rows: list[torch.Tensor | list[float]], like: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(like)
     for j, r in enumerate(rows):

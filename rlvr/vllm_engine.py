@@ -40,8 +40,11 @@ class VLLMEngine:
         self.eos_ids = eos_ids
         self.sleep_mode = sleep_mode
         self.asleep = False
-        memory = ({"kv_cache_memory_bytes": int(kv_cache_bytes)} if kv_cache_bytes
-                  else {"gpu_memory_utilization": gpu_mem_util or 0.9})
+        # With an explicit KV size vLLM ignores gpu_memory_utilization for sizing but still
+        # refuses to start unless that share of the card is free: the policy and its optimizer
+        # already hold theirs, so ask for a token share.
+        memory = ({"kv_cache_memory_bytes": int(kv_cache_bytes), "gpu_memory_utilization": 0.01}
+                  if kv_cache_bytes else {"gpu_memory_utilization": gpu_mem_util or 0.9})
         self.llm = LLM(
             model=model_dir, dtype="bfloat16", enable_prefix_caching=True,
             enable_sleep_mode=sleep_mode, max_model_len=max_model_len, seed=seed,
@@ -64,20 +67,22 @@ class VLLMEngine:
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
             max_tokens=max_tokens, stop_token_ids=self.eos_ids, skip_special_tokens=True,
             logprobs=0 if return_logprobs else None,
+            # vLLM would detokenise incrementally at every decode step, in the engine's own
+            # thread (measured 2.21 -> 1.61 s for 64 x 512 tokens without it); one batch decode
+            # of the final ids gives the same text
+            detokenize=False,
         )
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        result = []
-        for out in outs:
-            group = []
-            for o in out.outputs:
-                ids = list(o.token_ids)
-                lps = None
-                if return_logprobs and o.logprobs is not None:
-                    lps = [step[t].logprob for step, t in zip(o.logprobs, ids)]
-                group.append(Completion(token_ids=ids, text=o.text,
-                                        truncated=o.finish_reason == "length", logprobs=lps))
-            result.append(group)
-        return result
+        ids = [list(o.token_ids) for out in outs for o in out.outputs]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        flat = []
+        for o, toks, text in zip((o for out in outs for o in out.outputs), ids, texts):
+            lps = None
+            if return_logprobs and o.logprobs is not None:
+                lps = [step[t].logprob for step, t in zip(o.logprobs, toks)]
+            flat.append(Completion(token_ids=toks, text=text,
+                                   truncated=o.finish_reason == "length", logprobs=lps))
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         t0 = time.perf_counter()
@@ -87,10 +92,11 @@ class VLLMEngine:
             # came to 104 GB (measured). Only in sleep mode, once a step.
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
-        # fp32 master weights -> bf16 copies; HF parameter names, which vLLM's loader maps.
-        weights = [(name, p.detach().to(torch.bfloat16)) for name, p in policy.named_parameters()]
+        # HF parameter names, which vLLM's loader maps. A generator: in-process the RPC passes it
+        # through unpickled and the loader takes one tensor at a time, so at most one bf16 copy
+        # of a weight exists at once (a list would hold a second copy of the model: 15 GB at 7B).
+        weights = ((name, p.detach().to(torch.bfloat16)) for name, p in policy.named_parameters())
         self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
-        del weights
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False

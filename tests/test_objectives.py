@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from rlvr.objectives import clipped_policy_loss, compute_advantages, ratio_stats
+from rlvr.objectives import (
+    clipped_policy_loss,
+    compute_advantages,
+    finish_mismatch_stats,
+    kl_k3,
+    minibatch_schedule,
+    mismatch_stats,
+    per_token_loss,
+    ratio_stats,
+    rollout_is_weights,
+)
 
 # 3 prompts x 2 rollouts: (correct, wrong), (correct, correct), (wrong, wrong)
 CORRECT = torch.tensor([1, 0, 1, 1, 0, 0])
@@ -120,3 +130,130 @@ def test_ratio_stats_counts_tokens_outside_the_clip_range():
     s = ratio_stats(logp, old, torch.tensor([[1, 1, 1, 0]]), 0.2)
     assert s["n_tokens"] == 3 and s["n_clipped"] == 2
     assert s["ratio_max"] == pytest.approx(1.3) and s["ratio_min"] == pytest.approx(0.7)
+
+
+# ----------------------------------------------------------------------------- mini-batches
+
+
+def test_paper_schedule_subsets_then_splits_with_kept_over_mini_weights():
+    # 64 samples, 3 kept (PSR at ~5% accuracy), mini-batches of 16: the paper's code takes ONE
+    # optimizer step on the 3 kept samples, its token mean weighted by 3/16
+    keep = [i in (5, 17, 40) for i in range(64)]
+    lengths = [10] * 64
+    sched = minibatch_schedule(keep, lengths, 16, "paper", list(range(64)))
+    assert [m.indices for m in sched] == [[5, 17, 40]]
+    # loss = (3/16) * sum / 30 tokens  <=>  sum / (30 * 16/3)
+    assert sched[0].normalizer == pytest.approx(30 * 16 / 3)
+
+
+def test_paper_schedule_gives_ceil_kept_over_mini_steps_and_a_short_last_step():
+    keep = [i % 3 == 0 for i in range(60)]  # 20 kept
+    lengths = [i % 7 + 1 for i in range(60)]
+    order = list(range(60))
+    sched = minibatch_schedule(keep, lengths, 16, "paper", order)
+    kept = [i for i in order if keep[i]]
+    assert [m.indices for m in sched] == [kept[:16], kept[16:]]
+    assert sched[0].normalizer == pytest.approx(sum(lengths[i] for i in kept[:16]))  # weight 1
+    assert sched[1].normalizer == pytest.approx(sum(lengths[i] for i in kept[16:]) * 16 / 4)
+
+
+def test_batch_token_mean_splits_first_and_counts_dropped_tokens():
+    keep = [True, False, False, True, False, False]
+    lengths = [2, 3, 4, 5, 6, 7]
+    sched = minibatch_schedule(keep, lengths, 3, "batch_token_mean", [0, 1, 2, 3, 4, 5])
+    assert [(m.indices, m.normalizer) for m in sched] == [([0], 9.0), ([3], 18.0)]
+    # a mini-batch whose samples were all dropped is no optimizer step at all
+    none_kept = minibatch_schedule([False, False, True, False], [1, 1, 1, 1], 2,
+                                   "batch_token_mean", [0, 1, 2, 3])
+    assert [m.indices for m in none_kept] == [[2]]
+
+
+def _summed_loss(logp, adv, keep, lengths, loss_agg, mini):
+    mask = torch.zeros_like(logp)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    total = logp.new_zeros(())
+    for mb in minibatch_schedule(keep.tolist(), lengths, mini, loss_agg, list(range(len(keep)))):
+        tok = per_token_loss(logp[mb.indices], logp[mb.indices].detach(), adv[mb.indices], 0.2)
+        total = total + (tok * mask[mb.indices]).sum() / mb.normalizer
+    return total
+
+
+@pytest.mark.parametrize("mini", [8, 3])
+def test_batch_token_mean_decomposes_reinforce_into_psr_plus_nsr(mini):
+    """grad PSR + grad NSR == grad REINFORCE (lambda = 1) on the same batch: the identity the
+    paper is named after, exact under batch_token_mean (not under the paper's normaliser)."""
+    torch.manual_seed(0)
+    correct = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0])
+    lengths = [3, 5, 2, 4, 6, 1, 5, 3]
+    base = torch.randn(8, 6)
+    grads = {}
+    for obj in ("PSR", "NSR", "REINFORCE"):
+        logp = base.clone().requires_grad_(True)
+        adv, keep = compute_advantages(correct, obj)
+        _summed_loss(logp, adv, keep, lengths, "batch_token_mean", mini).backward()
+        grads[obj] = logp.grad
+    torch.testing.assert_close(grads["PSR"] + grads["NSR"], grads["REINFORCE"], rtol=0,
+                               atol=1e-7)
+    # the paper's normaliser rescales each objective by its own kept share: no identity
+    paper = {}
+    for obj in ("PSR", "NSR", "REINFORCE"):
+        logp = base.clone().requires_grad_(True)
+        adv, keep = compute_advantages(correct, obj)
+        _summed_loss(logp, adv, keep, lengths, "paper", mini).backward()
+        paper[obj] = logp.grad
+    assert not torch.allclose(paper["PSR"] + paper["NSR"], paper["REINFORCE"], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- KL, entropy, IS
+
+
+def test_k3_kl_is_hand_computed_and_unbiased_for_the_full_kl():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-1.5])
+    d = -0.5
+    assert kl_k3(logp, ref).item() == pytest.approx(math.exp(d) - d - 1)
+    # E_{y ~ pi}[k3(y)] = KL(pi || pi_ref) exactly, over a whole small vocabulary
+    torch.manual_seed(1)
+    lp = torch.log_softmax(torch.randn(7), -1)
+    lr = torch.log_softmax(torch.randn(7), -1)
+    expected = (lp.exp() * (lp - lr)).sum()
+    assert (lp.exp() * kl_k3(lp, lr)).sum().item() == pytest.approx(expected.item(), rel=1e-5)
+    # the gradient w.r.t. logp is 1 - exp(ref - logp)
+    x = torch.tensor([-1.0], requires_grad=True)
+    kl_k3(x, ref).backward()
+    assert x.grad.item() == pytest.approx(1 - math.exp(d))
+
+
+def test_kl_and_entropy_terms_enter_the_per_token_loss():
+    logp = torch.tensor([[-1.0, -2.0]])
+    old = logp.clone()
+    ent = torch.tensor([[0.5, 0.25]])
+    ref = torch.tensor([[-1.5, -2.0]])
+    base = per_token_loss(logp, old, torch.tensor([1.0]), 0.2)
+    assert base.tolist() == [[-1.0, -1.0]]
+    both = per_token_loss(logp, old, torch.tensor([1.0]), 0.2, entropy=ent, entropy_coef=0.1,
+                          ref_logp=ref, kl_coef=0.01)
+    k3 = math.exp(-0.5) + 0.5 - 1
+    assert both.tolist()[0] == pytest.approx([-1.0 - 0.05 + 0.01 * k3, -1.0 - 0.025])
+
+
+def test_truncated_is_weights_are_token_ratios_capped():
+    old = torch.tensor([[-1.0, -1.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.0, -1.5, -0.2, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = rollout_is_weights(old, sampler, mask, "tis", 1.5)
+    # ratios e^0 = 1, e^0.5 = 1.65 -> capped 1.5, e^-0.8 = 0.449; padding 1
+    assert w.tolist()[0] == pytest.approx([1.0, 1.5, math.exp(-0.8), 1.0], rel=1e-6)
+
+
+def test_masked_is_weights_are_sequence_ratios_and_mask_sequences_over_the_cap():
+    old = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]])
+    sampler = torch.tensor([[-1.2, -1.1], [-1.5, -1.6]])
+    mask = torch.ones(2, 2)
+    w = rollout_is_weights(old, sampler, mask, "mis", 2.0)
+    # sequence 0: e^(0.2 + 0.1) = 1.35 on every token; sequence 1: e^1.1 = 3.0 > 2 -> masked
+    assert w[0].tolist() == pytest.approx([math.exp(0.3)] * 2, rel=1e-6)
+    assert w[1].tolist() == [0.0, 0.0]
+    stats = finish_mismatch_stats([mismatch_stats(old, sampler, mask, w)])
+    assert stats["train/logp_gap_max"] == pytest.approx(0.6, rel=1e-6)
+    assert stats["train/is_masked_frac"] == 0.5

@@ -1,0 +1,115 @@
+"""Presets, explicit flags, --resume with the saved settings, and one-line errors for bad flags."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from rlvr.config import OPTIM_CHOICES, PRESETS, Config, build_parser, parse_config, resolve
+
+
+def test_the_seed_preset_is_the_dataclass_defaults_and_matches_the_published_study():
+    cfg = parse_config([])
+    assert cfg == Config()
+    assert (cfg.n_train_steps, cfg.prompts_per_step, cfg.rollouts_per_prompt) == (80, 32, 2)
+    assert (cfg.max_tokens, cfg.lr, cfg.clip_range, cfg.temperature) == (512, 1e-6, 0.2, 1.0)
+    assert cfg.mini_batch == cfg.rollout_batch_size  # one update per step
+    # the paper's defaults where the seed study did not say otherwise
+    assert cfg.prompt_style == "paper" and cfg.adam_betas == (0.9, 0.999)
+    assert (cfg.entropy_coef, cfg.kl_coef, cfg.rollout_is, cfg.loss_agg) == (0.0, 0.0, "none",
+                                                                             "paper")
+
+
+def test_the_paper_preset_resolves_to_the_papers_run():
+    cfg = parse_config(["--preset", "paper"])
+    assert cfg.preset == "paper"
+    assert (cfg.prompts_per_step, cfg.rollouts_per_prompt) == (1024, 8)
+    assert cfg.rollout_batch_size // cfg.mini_batch == 4  # four updates per step
+    assert (cfg.max_tokens, cfg.lr, cfg.clip_range, cfg.temperature) == (3072, 1e-6, 0.2, 1.0)
+    assert cfg.adam_betas == (0.9, 0.999) and cfg.entropy_coef == 0.001
+    assert (cfg.eval_temperature, cfg.eval_max_tokens, cfg.eval_every) == (0.0, 3072, 7)
+
+
+def test_explicit_flags_override_the_preset():
+    cfg = parse_config(["--preset", "paper", "--max_tokens", "1024", "--entropy_coef", "0"])
+    assert cfg.max_tokens == 1024 and cfg.entropy_coef == 0.0
+    assert cfg.rollout_batch_size == PRESETS["paper"]["rollout_batch_size"]
+
+
+def test_help_shows_defaults_and_the_paper_values_once():
+    text = " ".join(build_parser().format_help().split())
+    assert "max new tokens per rollout (default: 512; paper preset: 3072)" in text
+    assert "(default: None)" not in text and text.count("(default:") >= 30
+    assert "--adam_betas B1 B2" in text
+
+
+def test_optim_choices_match_the_optimizers_module():
+    from rlvr.optimizers import OPTIMIZERS
+
+    assert set(OPTIM_CHOICES) == {"auto", *OPTIMIZERS}
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "MATH_experiment.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--rollouts_per_prompt", "0"], "--rollouts_per_prompt must be >= 1"),
+    (["--micro_batch_tokens", "0"], "--micro_batch_tokens must be >= 1"),
+    (["--lr=-1e-6"], "--lr must be > 0"),
+    (["--eval_limit", "0"], "--eval_limit must be >= 1"),
+    (["--eval_top_p", "1.5"], "--eval_top_p"),
+    (["--rollout_batch_size", "64", "--mini_batch_size", "48"], "multiple of --mini_batch_size"),
+    (["--adam_betas", "0.9", "1.0"], "--adam_betas"),
+    (["--gpu_memory_gb", "-3"], "--gpu_memory_gb must be > 0"),
+])
+def test_bad_flags_are_one_line_errors_before_anything_loads(tmp_path, flags, fragment):
+    t0 = time.perf_counter()
+    proc = run_cli(*flags, "--output_dir", str(tmp_path / "runs"))
+    assert time.perf_counter() - t0 < 5
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert fragment in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_backend_vllm_without_cuda_or_vllm_is_a_one_line_error(tmp_path):
+    proc = run_cli("--backend", "vllm", "--output_dir", str(tmp_path / "runs"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--backend vllm needs" in proc.stderr
+
+
+def saved_run(tmp_path, **overrides) -> dict:
+    cfg = resolve({"output_dir": str(tmp_path), "exp_name": "r", "eval_every": 5, "lr": 2e-6,
+                   **overrides})
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps({**cfg.to_json(), "provenance": {}}))
+    return cfg.to_json()
+
+
+def test_resume_needs_only_the_run_name_and_keeps_every_saved_setting(tmp_path):
+    saved = saved_run(tmp_path, objective="PSR", max_tokens=256)
+    cfg = parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume"])
+    assert cfg.resume and cfg.objective == "PSR" and cfg.max_tokens == 256 and cfg.lr == 2e-6
+    # a forgotten eval flag keeps the saved value instead of silently switching the eval
+    assert cfg.eval_every == saved["eval_every"] == 5
+
+
+def test_resume_applies_resumable_flags_and_refuses_the_others(tmp_path, capsys):
+    saved_run(tmp_path)
+    cfg = parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume",
+                        "--n_train_steps", "100", "--eval_every", "20"])
+    assert (cfg.n_train_steps, cfg.eval_every) == (100, 20)
+    # giving a non-resumable flag its saved value is fine; changing it is not
+    parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume", "--lr", "2e-6"])
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume",
+                      "--lr", "1e-5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume") and "--lr 2e-06 -> 1e-05" in err
+    assert len(err.strip().splitlines()) == 1
