@@ -1,0 +1,369 @@
+"""GPU memory plan for one run: the vLLM rollout engine and the HF policy share one GPU.
+
+Pure arithmetic (no torch, no CUDA): from the model's shape, what the run needs at once
+(`Workload`) and a budget, `plan_memory` picks the optimizer, gradient checkpointing, vLLM's
+level-2 sleep and the micro-batch size, sizes vLLM's KV cache, and predicts the peak of the two
+phases of a step. Every size is in GiB (2**30 bytes) unless its name ends in `_bytes`.
+
+Phases: rollout/eval = vLLM generating while the policy holds its weights and optimizer state
+(gradients are freed after each step); train = the policy's forward/backward and optimizer step
+while vLLM is awake, or asleep holding only its never-freed overhead. The planned peak is the
+larger of the two. The constants below are calibrated on the GPU measurements in
+docs/PERFORMANCE.md; re-fit them when new measurements come in (tests/test_memory.py holds them).
+The search over the choices, its notes and the refusal message are in rlvr/memory_search.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+
+# --- training-side calibration (bf16 autocast, sdpa attention, fp32 residual stream; H200) ----
+# Activation bytes per token per layer without checkpointing = 30*hidden + 10*intermediate:
+# 0.5B measured ~75 KB/token/layer (mb 16 -> 32 samples of ~605 tokens: +17.0 GiB), 3B ~171 KB
+# (mb 8 -> 16: +28.5 GiB); bench_train.py sweep, docs/PERFORMANCE.md.
+ACT_HIDDEN_BYTES = 30
+ACT_INTERMEDIATE_BYTES = 10
+# With checkpointing each layer keeps only its fp32 input (4 B x hidden per token); one layer's
+# full activations are rebuilt in backward on top. 3B measured +1.6 GiB per 8 samples.
+CKPT_HIDDEN_BYTES = 4
+# fp32 [chunk, vocab] tensors alive at once in the loss (logits, log-softmax temporaries, their
+# gradient); the no-checkpointing 0.5B runs put ~3.5 GiB above weights + activations.
+LOGITS_FP32_COPIES = 3
+# Autocast caches a bf16 copy of every matmul weight for backward when the masters are fp32.
+AUTOCAST_COPY_BYTES = 2
+# A frozen copy of the initial policy for a KL term, and vLLM's weights: bf16.
+BF16_BYTES = 2
+
+# --- vLLM (to be calibrated: no measurement of these yet) -------------------------------------
+KV_BLOCK_TOKENS = 16            # vLLM's default block size: the KV cache comes in these units
+KV_DTYPE_BYTES = 2              # bf16 KV cache
+VLLM_OVERHEAD_GIB = 1.5         # CUDA graphs (up to batch 512), compile/profiling buffers
+SAMPLER_LOGIT_BYTES = 4         # + max_num_seqs x vocab fp32 sampler logits
+# Shrinking the KV cache below the eval's need makes vLLM queue sequences (slower, not wrong);
+# below this many concurrent sequences of typical length decoding starves the GPU, so refuse.
+KV_MIN_CONCURRENT_SEQS = 32
+
+# --- process-wide -----------------------------------------------------------------------------
+CUDA_CONTEXT_GIB = 0.6          # CUDA context + cuBLAS workspaces, seen by nvidia-smi, not torch
+# Allocator fragmentation, as a share of what is allocated anew every step (gradients,
+# activations, logits, autocast copies); weights and optimizer state are allocated once. This
+# assumes allocator hygiene (state allocated up front, empty_cache() between phases): the two
+# OOM incidents of issue 8 left ~17-20 GB unexplained by the tensors, see the report.
+FRAGMENTATION_SHARE = 0.05
+
+# --- choices ----------------------------------------------------------------------------------
+DEFAULT_MICRO_BATCH_TOKENS = 16384
+MIN_MICRO_BATCH_TOKENS = 1024
+# Checkpointing off only when the no-checkpoint activations of a micro-batch are this small a
+# share of the budget: recompute costs ~1/3 more update compute, a small price above that.
+NO_CKPT_MAX_ACTIVATION_SHARE = 0.10
+# `optim="auto"`: exact first, then the leanest accurate ones by least slowdown (offload last:
+# it moves 12 B/param over PCIe every step).
+AUTO_OPTIM_ORDER = ("adamw", "adamw_kahan", "adamw_8bit", "adamw_offload")
+
+
+class PlanError(ValueError):
+    """The run cannot fit its memory budget (or the inputs are unusable); a one-line message."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Qwen2/Llama-style decoder: the numbers that decide its memory."""
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    qkv_bias: bool = True  # Qwen2 has q/k/v biases; Llama (attention_bias false) has none
+
+    @property
+    def n_params(self) -> int:
+        """Exact parameter count (embeddings, attention with biases, SwiGLU MLP, RMSNorms)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        bias = (q + 2 * kv) if self.qkv_bias else 0
+        norms = 2 * self.hidden
+        layer = self.hidden * (q + 2 * kv) + bias + q * self.hidden \
+            + 3 * self.hidden * self.intermediate + norms
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + self.layers * layer + self.hidden + head
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights autocast casts to bf16: every projection and the LM head (not the embedding
+        lookup, norms or biases)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate
+        return self.layers * layer + self.vocab * self.hidden
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * KV_DTYPE_BYTES
+
+
+def model_shape_from_config(config: dict) -> ModelShape:
+    """A `ModelShape` from an HF config.json dict (Qwen2/Llama keys; a `text_config` inside is
+    used when the top level has none). Raises PlanError naming the first missing key."""
+    if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "vocab_size"):
+        if key not in config:
+            raise PlanError(f"model config.json has no {key!r}: not a Qwen2/Llama-style decoder")
+    heads = int(config["num_attention_heads"])
+    qwen2 = config.get("model_type") == "qwen2" or any(
+        "Qwen2" in a for a in config.get("architectures") or [])
+    return ModelShape(
+        layers=int(config["num_hidden_layers"]), hidden=int(config["hidden_size"]),
+        intermediate=int(config["intermediate_size"]), heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+        vocab=int(config["vocab_size"]),
+        # transformers' Qwen2/Llama configs default to untied; untied is also the larger guess
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=bool(config.get("attention_bias", qwen2)),
+    )
+
+
+def _qwen(layers: int, hidden: int, inter: int, heads: int, kv: int, vocab: int, tied: bool,
+          max_pos: int = 32768, rope: float = 1e6) -> dict:
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": inter,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+            "tie_word_embeddings": tied, "max_position_embeddings": max_pos, "rope_theta": rope,
+            "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16"}
+
+
+# The shape keys of each model's public config.json, so a dry run works offline for these ids.
+KNOWN_SHAPES: dict[str, dict] = {
+    "Qwen/Qwen2.5-0.5B-Instruct": _qwen(24, 896, 4864, 14, 2, 151_936, True),
+    "Qwen/Qwen2.5-1.5B-Instruct": _qwen(28, 1536, 8960, 12, 2, 151_936, True),
+    "Qwen/Qwen2.5-3B-Instruct": _qwen(36, 2048, 11008, 16, 2, 151_936, True),
+    "Qwen/Qwen2.5-7B-Instruct": _qwen(28, 3584, 18944, 28, 4, 152_064, False),
+    "Qwen/Qwen2.5-Math-7B": _qwen(28, 3584, 18944, 28, 4, 152_064, False, 4096, 10_000.0),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run needs at once (defaults: the seed preset on the 1,250-problem eval set)."""
+    rollout_seqs: int = 64            # samples per step
+    max_prompt_tokens: int = 1024
+    max_tokens: int = 512             # rollout response length
+    eval_seqs: int = 5000             # eval problems x eval_n
+    eval_max_tokens: int = 512
+    max_num_seqs: int = 512           # vLLM's decode concurrency cap
+    # eval KV is sized for prompts of this length: vLLM queues what does not fit (slower only)
+    typical_prompt_tokens: int = 150
+    reference_model: bool = False     # a frozen bf16 copy of the initial policy (KL term)
+    logit_chunk_tokens: int = 2048    # rlvr/logprobs.py LOGIT_CHUNK_TOKENS
+
+    @property
+    def max_model_len(self) -> int:
+        return self.max_prompt_tokens + max(self.max_tokens, self.eval_max_tokens)
+
+    @property
+    def max_train_seq(self) -> int:
+        return self.max_prompt_tokens + self.max_tokens
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """Fallback of rlvr/optimizers.py's spec: bytes per parameter on the GPU (and the CPU)."""
+    param_dtype: str
+    grad_bytes: float
+    state_bytes: float
+    cpu_bytes: float
+    exact: bool
+    needs_cuda: bool
+
+
+# Used only while rlvr.optimizers cannot be imported; same names and numbers.
+FALLBACK_OPTIMIZERS: dict[str, OptimSpec] = {
+    "adamw": OptimSpec("float32", 4, 8, 0, exact=True, needs_cuda=False),
+    "adamw_kahan": OptimSpec("bfloat16", 2, 6, 0, exact=False, needs_cuda=False),  # m, v, kahan
+    "adamw_8bit": OptimSpec("float32", 4, 2.05, 0, exact=False, needs_cuda=True),
+    "adamw_offload": OptimSpec("float32", 4, 0, 12, exact=True, needs_cuda=False),
+}
+
+
+def default_optim_specs() -> dict:
+    try:
+        from rlvr.optimizers import OPTIMIZERS
+    except ImportError:
+        return FALLBACK_OPTIMIZERS
+    return OPTIMIZERS
+
+
+def param_bytes(spec) -> int:
+    """Bytes per master weight: a torch dtype (itemsize) or a dtype name."""
+    dtype = spec.param_dtype
+    if hasattr(dtype, "itemsize"):
+        return int(dtype.itemsize)
+    return 4 if "32" in str(dtype) else 2
+
+
+def policy_gib(shape: ModelShape, spec) -> dict[str, float]:
+    """The policy's own tensors: weights, gradients, GPU optimizer state, autocast bf16 copies."""
+    p = shape.n_params
+    copies = shape.matmul_params * AUTOCAST_COPY_BYTES if param_bytes(spec) > 2 else 0
+    return {"weights": p * param_bytes(spec) / GIB, "grads": p * spec.grad_bytes / GIB,
+            "optimizer": p * spec.state_bytes / GIB, "autocast": copies / GIB}
+
+
+def activation_gib(shape: ModelShape, tokens: int, checkpointing: bool) -> float:
+    """Activations held for backward by a micro-batch of `tokens` padded tokens."""
+    layer = ACT_HIDDEN_BYTES * shape.hidden + ACT_INTERMEDIATE_BYTES * shape.intermediate
+    if not checkpointing:
+        return shape.layers * layer * tokens / GIB
+    return (shape.layers * CKPT_HIDDEN_BYTES * shape.hidden + layer) * tokens / GIB
+
+
+def logits_gib(shape: ModelShape, chunk_tokens: int) -> float:
+    return LOGITS_FP32_COPIES * chunk_tokens * shape.vocab * 4 / GIB
+
+
+def train_tensors_gib(shape: ModelShape, spec, *, gradient_checkpointing: bool,
+                      micro_batch_tokens: int, logit_chunk_tokens: int = 2048) -> float:
+    """What torch.cuda.max_memory_allocated sees in a train step without vLLM (bench_train.py)."""
+    return (sum(policy_gib(shape, spec).values()) + logits_gib(shape, logit_chunk_tokens)
+            + activation_gib(shape, micro_batch_tokens, gradient_checkpointing))
+
+
+def _blocks(tokens: int) -> int:
+    return -(-tokens // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+
+
+def kv_tokens_wanted(wl: Workload) -> int:
+    """KV tokens for the rollouts or the eval at full concurrency, and one longest sequence."""
+    rollout = min(wl.rollout_seqs, wl.max_num_seqs) * wl.max_train_seq
+    evals = min(wl.max_num_seqs, wl.eval_seqs) * (wl.typical_prompt_tokens + wl.eval_max_tokens)
+    return _blocks(max(rollout, evals, wl.max_model_len))
+
+
+def kv_tokens_floor(wl: Workload) -> int:
+    """The smallest KV cache the plan accepts (see KV_MIN_CONCURRENT_SEQS)."""
+    seqs = min(wl.rollout_seqs, wl.max_num_seqs, KV_MIN_CONCURRENT_SEQS)
+    return min(kv_tokens_wanted(wl), _blocks(max(wl.max_model_len, seqs * (
+        wl.typical_prompt_tokens + max(wl.max_tokens, wl.eval_max_tokens)))))
+
+
+def vllm_overhead_gib(shape: ModelShape, wl: Workload) -> float:
+    """vLLM's memory besides weights and KV cache; it stays while vLLM sleeps."""
+    return VLLM_OVERHEAD_GIB + wl.max_num_seqs * shape.vocab * SAMPLER_LOGIT_BYTES / GIB
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen settings and the predicted GPU memory of each phase (GiB).
+
+    `rollout_gib`/`train_gib` hold every component (weights, grads, optimizer, autocast,
+    activations, logits, reference, vllm_weights, kv_cache, vllm_overhead, context,
+    fragmentation). `kv_cache_bytes` is vLLM's `kv_cache_memory_bytes`; with the expert override
+    `gpu_mem_util` it is None and vLLM gets `vllm_share_gib` instead.
+    """
+    optim: str
+    optim_exact: bool
+    gradient_checkpointing: bool
+    sleep: bool
+    micro_batch_tokens: int
+    kv_cache_tokens: int | None
+    kv_cache_bytes: int | None
+    gpu_mem_util: float | None
+    vllm_share_gib: float
+    rollout_gib: dict[str, float]
+    train_gib: dict[str, float]
+    rollout_peak_gib: float
+    train_peak_gib: float
+    planned_peak_gib: float
+    budget_gib: float
+    headroom_gib: float
+    cpu_gib: float  # optimizer state kept in host memory (adamw_offload)
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        """JSON-safe, for config.json."""
+        out = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, float):
+                v = round(v, 3)
+            elif isinstance(v, dict):
+                v = {name: round(x, 3) for name, x in v.items()}
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[k] = v
+        return out
+
+    def vllm_memory_utilization(self, card_gib: float) -> float:
+        """vLLM's gpu_memory_utilization for the override: its share is of the whole card."""
+        return self.vllm_share_gib / card_gib
+
+    def format_table(self) -> str:
+        """One short table (<= 16 lines, < 100 columns) for the start of a run."""
+        return _format_table(self)
+
+
+def plan_memory(shape: ModelShape, workload: Workload, budget_gib: float, *, optim: str = "auto",
+                gradient_checkpointing: str | bool = "auto", sleep: str | bool = "auto",
+                micro_batch_tokens: int | None = None, gpu_mem_util: float | None = None,
+                optim_specs: dict | None = None) -> MemoryPlan:
+    """The plan for one run on a `budget_gib` GiB GPU budget (the card's total or the user's
+    --gpu_memory_gb), or PlanError with one line naming the budget it needs and what would fit.
+
+    "auto" choices are searched in this order, the first that fits wins: as asked (vLLM awake,
+    checkpointing off if a micro-batch's activations are <= NO_CKPT_MAX_ACTIVATION_SHARE of the
+    budget, DEFAULT_MICRO_BATCH_TOKENS), then vLLM sleep, checkpointing, micro-batches halved
+    down to one longest sequence, a KV cache below the eval's need; then the next optimizer of
+    AUTO_OPTIM_ORDER. Values given (True/False, "true"/"false", a name, a number) are kept.
+    `gpu_mem_util` (expert override) gives vLLM that share of the budget instead of a sized KV
+    cache. `optim_specs` defaults to rlvr.optimizers.OPTIMIZERS (FALLBACK_OPTIMIZERS without it).
+    """
+    from rlvr.memory_search import plan
+
+    specs = optim_specs if optim_specs is not None else default_optim_specs()
+    return plan(shape, workload, budget_gib, specs, optim, gradient_checkpointing, sleep,
+                micro_batch_tokens, gpu_mem_util)
+
+
+_ROWS = (  # label, components added up
+    ("policy weights ({dtype})", ("weights",)),
+    ("autocast bf16 weight copies", ("autocast",)),
+    ("gradients", ("grads",)),
+    ("optimizer state ({optim})", ("optimizer",)),
+    ("activations ({mb:,}-token micro-batch{ckpt})", ("activations",)),
+    ("logits (fp32 chunks)", ("logits",)),
+    ("reference model (bf16)", ("reference",)),
+    ("vLLM weights (bf16)", ("vllm_weights",)),
+    ("vLLM KV cache{kv}", ("kv_cache",)),
+    ("vLLM overhead (graphs, sampler)", ("vllm_overhead",)),
+    ("CUDA context + fragmentation", ("context", "fragmentation")),
+)
+
+
+def _format_table(p: MemoryPlan) -> str:
+    # fp32 masters are exactly the ones autocast makes bf16 copies of
+    fields = {"dtype": "fp32" if p.train_gib["autocast"] else "bf16", "optim": p.optim,
+              "mb": p.micro_batch_tokens, "ckpt": ", ckpt" if p.gradient_checkpointing else "",
+              "kv": f" ({p.kv_cache_tokens:,} tokens)" if p.kv_cache_tokens else ""}
+
+    def cell(x: float) -> str:
+        return f"{x:9.2f}" if x > 0.005 else f"{'-':>9}"
+
+    lines = [f"{'GPU memory plan, GiB (budget ' + format(p.budget_gib, '.1f') + ')':<50}"
+             f"{'rollout/eval':>13}{'train':>9}"]
+    for label, keys in _ROWS:
+        r, t = (sum(d[k] for k in keys) for d in (p.rollout_gib, p.train_gib))
+        lines.append(f"  {label.format(**fields):<52}{cell(r)}{cell(t)}")
+    lines.append(f"  {'phase total':<52}{cell(p.rollout_peak_gib)}{cell(p.train_peak_gib)}")
+    lines.append(f"planned peak {p.planned_peak_gib:.1f} GiB, headroom {p.headroom_gib:.1f} GiB"
+                 + (f", optimizer state in host memory {p.cpu_gib:.1f} GiB" if p.cpu_gib else ""))
+    kv = (f"KV {p.kv_cache_bytes / GIB:.2f} GiB" if p.kv_cache_bytes is not None
+          else f"vLLM share {p.vllm_share_gib:.1f} GiB")
+    lines.append(f"{p.optim} ({'exact' if p.optim_exact else 'not bit-exact'}) | checkpointing "
+                 f"{'on' if p.gradient_checkpointing else 'off'} | vLLM sleep "
+                 f"{'on' if p.sleep else 'off'} | micro-batch {p.micro_batch_tokens:,} | {kv}")
+    return "\n".join(lines)
