@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""GPU benchmark of one model shape: rollout, train step, weight sync and eval, in one process.
+"""GPU phase benchmark of one model shape, through the product's own set-up (memory plan included).
 
-    python bench/bench_gpu.py --shape 0.5B --out bench_0.5B.json
+    python bench/bench_gpu.py --shape 0.5B --out phases.json [--length_mix]
 
-1. Rollout: the project's VLLMEngine vs a raw `vllm.LLM.generate` of the same batch
-   (32 prompts x 2 samples x 512 tokens), tokens/s and the ratio.
-2. Train step: old log-probs + clipped loss + backward + AdamW on that batch (fp32 masters, bf16
-   autocast): tokens/s, MFU = 6 * params * forward tokens / time / peak, the peak being measured
-   here with an 8192^3 bf16 matmul; peak GPU memory of the HF side.
-3. Sync: push all weights into vLLM and reset the prefix cache (awake, and from level-2 sleep).
-4. Eval: the test subset (1,250 problems) with eval_n = 1 and eval_n = 4, generation + grading.
-The whole-run figure (s/step over real steps of MATH_experiment.py) is bench/whole_run.py.
+1. Rollout, 32 prompts x 2 samples x 512 tokens: the project's VLLMEngine against a raw
+   `vllm.LLM.generate` of the same prompts and sampling (interleaved, median of reps); ms per decode
+   step; the cost of per-step sampling log-probs (what --rollout_is and the gap metric need).
+2. Where a generate's time goes: a torch-profiler trace of one rollout, GPU-busy share of the
+   wall time and the top kernels (the rest is the engine's CPU work per step).
+3. Samples/s at 64, 256 and 1,024 rollouts per step (decode is latency-bound at 64).
+4. Train phase on the rollout batch: the loop's own update (pi_old from the update's forward,
+   micro-batches of the plan's token budget): s, tokens/s, MFU = 6 * params * forward tokens /
+   time / the bf16 peak measured here.
+5. Weight sync into vLLM (awake; from sleep when the plan sleeps).
 Random weights with Qwen2.5 shapes (bench/models.py): valid for speed and memory, not accuracy.
 """
 
@@ -31,20 +33,11 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 import torch  # noqa: E402
 
 from bench.models import build_random_qwen, math_texts  # noqa: E402
-from rlvr.config import Config  # noqa: E402
+from rlvr.config import parse_config  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
-from rlvr.engines import make_engine  # noqa: E402
-from rlvr.experiment import encode_problems, evaluate  # noqa: E402
-from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
-from rlvr.reward import BatchGrader  # noqa: E402
-from rlvr.training import (  # noqa: E402
-    UpdateBatch,
-    compute_old_logprobs,
-    make_optimizer,
-    policy_update,
-)
-from rlvr.vllm_engine import VLLMEngine  # noqa: E402
+from rlvr.run_setup import encode_problems, load_models, resolve_memory  # noqa: E402
+from rlvr.training import UpdateBatch, policy_update  # noqa: E402
 
 N_PROMPTS, N_SAMPLES, GEN_LEN = 32, 2, 512
 
@@ -52,11 +45,6 @@ N_PROMPTS, N_SAMPLES, GEN_LEN = 32, 2, 512
 def now() -> float:
     torch.cuda.synchronize()
     return time.perf_counter()
-
-
-def gpu_used_gib() -> float:
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**30
 
 
 def measured_bf16_peak_tflops() -> float:
@@ -72,82 +60,100 @@ def measured_bf16_peak_tflops() -> float:
     return 2 * 8192**3 / dt / 1e12
 
 
-def bench_rollout(engine: VLLMEngine, prompts: list[list[int]], reps: int) -> dict:
+def bench_rollout(engine, prompts: list[list[int]], reps: int) -> dict:
     from vllm import SamplingParams
 
-    # ignore_eos on both sides so each timed run generates exactly 64 x 512 tokens
-    raw_sp = SamplingParams(n=N_SAMPLES, temperature=1.0, max_tokens=GEN_LEN, min_tokens=GEN_LEN,
-                            ignore_eos=True)
-
-    def ours():
-        outs = engine.generate(prompts, N_SAMPLES, 1.0, GEN_LEN)
-        return sum(len(c.token_ids) for g in outs for c in g)
-
-    def raw():
-        outs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], raw_sp,
-                                   use_tqdm=False)
+    def raw(**kw):
+        sp = SamplingParams(n=N_SAMPLES, temperature=1.0, max_tokens=GEN_LEN, top_p=1.0, **kw)
+        outs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return sum(len(o.token_ids) for r in outs for o in r.outputs)
 
-    res = {}
-    rates: dict[str, list[float]] = {"raw": [], "ours": []}
-    raw(), ours()  # warm-up
-    for _ in range(reps):  # interleaved, so drift in clocks or memory hits both alike
-        for name, fn in (("raw", raw), ("ours", ours)):
+    variants = {
+        "raw": raw,  # vLLM's defaults: text detokenised at every decode step
+        "raw_no_detok": lambda: raw(detokenize=False),
+        "ours": lambda: sum(len(c.token_ids) for g in engine.generate(prompts, N_SAMPLES, 1.0,
+                                                                      GEN_LEN) for c in g),
+        "ours_logprobs": lambda: sum(len(c.token_ids) for g in engine.generate(
+            prompts, N_SAMPLES, 1.0, GEN_LEN, return_logprobs=True) for c in g),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    tokens: dict[str, int] = {}
+    for fn in variants.values():  # warm-up (the log-prob path JIT-compiles a kernel)
+        fn()
+    for _ in range(reps):  # interleaved, so drift in clocks or memory hits all alike
+        for name, fn in variants.items():
             t0 = now()
-            n = fn()
-            rates[name].append(n / (now() - t0))
-    for name, r in rates.items():
-        res[f"rollout_{name}_tok_s"] = statistics.median(r)
-        res[f"rollout_{name}_tok_s_all"] = r
-    res["rollout_ratio"] = res["rollout_ours_tok_s"] / res["rollout_raw_tok_s"]
+            tokens[name] = fn()
+            times[name].append(now() - t0)
+    res = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res[f"rollout_{name}_s"] = med
+        res[f"rollout_{name}_tok_s"] = tokens[name] / med
+        res[f"rollout_{name}_ms_per_decode_step"] = 1000 * med / GEN_LEN
+    res["rollout_ratio_to_raw"] = res["rollout_raw_s"] / res["rollout_ours_s"]
+    res["logprobs_cost_s"] = res["rollout_ours_logprobs_s"] - res["rollout_ours_s"]
     return res
 
 
-def bench_train(policy, engine, tok, prompts, cfg: Config, peak_tflops: float) -> dict:
+def profile_generate(engine, prompts) -> dict:
+    """GPU-busy share of one rollout's wall time and the kernels that take it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = now()
+        engine.generate(prompts, N_SAMPLES, 1.0, GEN_LEN)
+        wall = now() - t0
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    busy_us = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:6]
+    return {"profile_wall_s": wall, "profile_gpu_busy_share": busy_us / 1e6 / wall,
+            "profile_top_kernels": [(e.key[:60], round(e.self_device_time_total / 1e3, 1))
+                                    for e in top]}
+
+
+def bench_scaling(engine, train_prompts) -> dict:
+    res = {}
+    for n_seq in (64, 256, 1024):
+        prompts = train_prompts[:n_seq // N_SAMPLES]
+        t0 = now()
+        n_tok = sum(len(c.token_ids) for g in engine.generate(prompts, N_SAMPLES, 1.0, GEN_LEN)
+                    for c in g)
+        dt = now() - t0
+        res[f"scaling_{n_seq}_samples_per_s"] = n_seq / dt
+        res[f"scaling_{n_seq}_tok_s"] = n_tok / dt
+    return res
+
+
+def bench_train(run_cfg, mem, policy, optimizer, engine, tok, prompts, peak: float) -> dict:
     outs = engine.generate(prompts, N_SAMPLES, 1.0, GEN_LEN)
     comps = [c for g in outs for c in g]
     flat = [p for p in prompts for _ in range(N_SAMPLES)]
     correct = torch.tensor([float(i % 3 == 0) for i in range(len(comps))])
     adv, keep = compute_advantages(correct, "W_REINFORCE", 0.1, N_SAMPLES)
     batch = UpdateBatch(flat, [c.token_ids for c in comps], adv, keep)
-    opt = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(0)
     engine.sleep()
     n_params = sum(p.numel() for p in policy.parameters())
     fwd_tokens = sum(len(p) + len(r) for p, r in zip(batch.prompts, batch.responses))
-    times_old, times_upd = [], []
-    base = torch.cuda.memory_allocated()
+    times = []
     torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
         t0 = now()
-        old, _ = compute_old_logprobs(policy, batch, 1.0, cfg.micro_batch_size, tok.pad_token_id,
-                                      torch.device("cuda"))
-        t1 = now()
-        policy_update(policy, opt, batch, old, temperature=1.0, clip_range=0.2,
-                      mini_batch_size=len(comps), micro_batch_size=cfg.micro_batch_size,
-                      max_grad_norm=1.0, pad_id=tok.pad_token_id, device=torch.device("cuda"),
-                      generator=gen)
-        t2 = now()
-        times_old.append(t1 - t0)
-        times_upd.append(t2 - t1)
-    t_old, t_upd = statistics.median(times_old[1:]), statistics.median(times_upd[1:])
-    flops = 6 * n_params * fwd_tokens
-    res = {
-        "params": n_params, "train_fwd_tokens": fwd_tokens,
-        "old_logprob_s": t_old, "update_s": t_upd, "train_s": t_old + t_upd,
-        "train_tok_s": fwd_tokens / (t_old + t_upd),
-        "mfu_update": flops / t_upd / (peak_tflops * 1e12),
-        "mfu_step_incl_old_logprob": flops / (t_old + t_upd) / (peak_tflops * 1e12),
-        # torch's counter includes vLLM's sleep-mode (cumem) pool when sleep mode is on
-        "train_peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "train_alloc_before_gib": base / 2**30,
-        "gpu_used_after_train_gib": gpu_used_gib(),
-    }
-    del opt
-    return res
+        policy_update(policy, optimizer, batch, None, temperature=1.0, clip_range=0.2,
+                      mini_batch_size=len(comps), max_grad_norm=1.0, pad_id=tok.pad_token_id,
+                      device=torch.device("cuda"), generator=gen,
+                      micro_batch_tokens=mem.micro_batch_tokens)
+        times.append(now() - t0)
+    t = statistics.median(times[1:])
+    free, total = torch.cuda.mem_get_info()
+    return {"params": n_params, "train_fwd_tokens": fwd_tokens, "train_s": t,
+            "train_tok_s": fwd_tokens / t, "train_mfu": 6 * n_params * fwd_tokens / t / peak / 1e12,
+            "train_peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu_used_after_train_gib": (total - free) / 2**30}
 
 
-def bench_sync(policy, engine: VLLMEngine, reps: int = 5) -> dict:
+def bench_sync(policy, engine, reps: int = 5) -> dict:
     awake, asleep = [], []
     for _ in range(reps):
         engine.sync_weights(policy)
@@ -157,84 +163,63 @@ def bench_sync(policy, engine: VLLMEngine, reps: int = 5) -> dict:
             engine.sleep()
             engine.sync_weights(policy)
             asleep.append(engine.last_sync_s)
-    res = {"sync_s": statistics.median(awake[1:])}
-    if asleep:
-        res["sync_from_sleep_s"] = statistics.median(asleep[1:])
-    return res
-
-
-def bench_eval(engine, tok, cfg: Config, data_dir: str) -> dict:
-    test = encode_problems(load_subset(data_dir, "test"), tok, cfg)
-    res = {"eval_problems": len(test.rows)}
-    with BatchGrader(timeout_s=cfg.grade_timeout_s) as grader:
-        for n in (1, 4):
-            cfg.eval_n = n
-            t0 = now()
-            m, _ = evaluate(engine, grader, test, cfg)
-            res[f"eval_n{n}_s"] = now() - t0
-            res[f"eval_n{n}_response_len"] = m["response_len"]
-    return res
+    return {"sync_s": statistics.median(awake[1:]),
+            "sync_from_sleep_s": statistics.median(asleep[1:]) if asleep else None}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B"))
+    ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B", "7B"))
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--data_dir", default="data/math_subset")
     ap.add_argument("--model_root", default="/tmp/rlvr_models")
-    ap.add_argument("--gpu_mem_util", type=float, default=0.35)
-    ap.add_argument("--micro_batch_size", type=int, default=Config.micro_batch_size)
-    ap.add_argument("--sleep", action="store_true", help="vLLM sleep mode during updates")
-    ap.add_argument("--skip_eval", action="store_true")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=None, help="JSON file for the results")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("extra", nargs="*", help="MATH_experiment.py flags for the set-up (after --)")
     args = ap.parse_args()
 
-    r: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(),
-               "date": time.strftime("%Y-%m-%d"), "sleep": args.sleep,
-               "gpu_mem_util": args.gpu_mem_util, "micro_batch_size": args.micro_batch_size}
-    t0 = time.perf_counter()
     model_dir = build_random_qwen(args.shape, Path(args.model_root) / args.shape,
                                   math_texts(args.data_dir))
-    r["build_s"] = time.perf_counter() - t0
-    cfg = Config(model_id=str(model_dir), gpu_mem_util=args.gpu_mem_util, vllm_sleep=args.sleep,
-                 micro_batch_size=args.micro_batch_size, eval_temperature=1.0)
-    tok = load_tokenizer(str(model_dir))
+    cfg = parse_config(["--model_id", str(model_dir), "--data_dir", args.data_dir,
+                        "--output_dir", "/tmp/rlvr_bench_phases", *args.extra])
+    device = torch.device("cuda")
     t0 = time.perf_counter()
-    policy = load_policy(str(model_dir), torch.device("cuda"), "auto")
-    engine = make_engine("vllm", policy, tok, str(model_dir), eos_token_ids(policy, tok), cfg)
-    r["init_s"] = time.perf_counter() - t0
-    r["peak_bf16_tflops"] = measured_bf16_peak_tflops()
+    mem = resolve_memory(cfg, device, 1250)
+    tok, policy, optimizer, engine, _ = load_models(cfg, device, mem)
+    r: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(),
+               "date": time.strftime("%Y-%m-%d"), "init_s": time.perf_counter() - t0,
+               "plan": mem.plan, "peak_bf16_tflops": measured_bf16_peak_tflops()}
     train = encode_problems(load_subset(args.data_dir, "train"), tok, cfg)
     prompts = train.prompt_ids[:N_PROMPTS]
     r["prompt_len_mean"] = sum(map(len, prompts)) / len(prompts)
     r.update(bench_rollout(engine, prompts, args.reps))
-    r.update(bench_train(policy, engine, tok, prompts, cfg, r["peak_bf16_tflops"]))
+    r.update(profile_generate(engine, prompts))
+    r.update(bench_scaling(engine, train.prompt_ids))
+    r.update(bench_train(cfg, mem, policy, optimizer, engine, tok, prompts,
+                         r["peak_bf16_tflops"]))
     r.update(bench_sync(policy, engine))
-    if not args.skip_eval:
-        r.update(bench_eval(engine, tok, cfg, args.data_dir))
 
-    rows = [
-        ("rollout raw vLLM (tok/s)", f"{r['rollout_raw_tok_s']:.0f}"),
-        ("rollout VLLMEngine (tok/s)", f"{r['rollout_ours_tok_s']:.0f}"),
-        ("rollout ratio ours/raw", f"{r['rollout_ratio']:.3f}"),
-        ("train: old log-probs (s)", f"{r['old_logprob_s']:.3f}"),
-        ("train: update fwd+bwd+AdamW (s)", f"{r['update_s']:.3f}"),
-        ("train tokens/s (both)", f"{r['train_tok_s']:.0f}"),
-        ("MFU of the update", f"{r['mfu_update']:.1%}"),
-        ("MFU incl. old log-probs", f"{r['mfu_step_incl_old_logprob']:.1%}"),
-        ("measured bf16 peak (TFLOP/s)", f"{r['peak_bf16_tflops']:.0f}"),
-        ("peak torch alloc, train (GiB)", f"{r['train_peak_alloc_gib']:.1f}"),
-        ("GPU memory used after train (GiB)", f"{r['gpu_used_after_train_gib']:.1f}"),
-        ("weight sync + prefix reset (s)", f"{r['sync_s']:.3f}"),
-    ]
-    if "sync_from_sleep_s" in r:
-        rows.append(("sync from level-2 sleep (s)", f"{r['sync_from_sleep_s']:.3f}"))
-    if "eval_n1_s" in r:
-        rows += [(f"eval {r['eval_problems']} problems, n=1 (s)", f"{r['eval_n1_s']:.1f}"),
-                 (f"eval {r['eval_problems']} problems, n=4 (s)", f"{r['eval_n4_s']:.1f}")]
-    print(f"\n{args.shape} on {r['device']} ({r['date']})")
-    for k, v in rows:
-        print(f"  {k:<34} {v:>10}")
+    rows = [("rollout raw vLLM (s, tok/s)", f"{r['rollout_raw_s']:.3f}",
+             f"{r['rollout_raw_tok_s']:.0f}"),
+            ("rollout ours (s, tok/s)", f"{r['rollout_ours_s']:.3f}",
+             f"{r['rollout_ours_tok_s']:.0f}"),
+            ("raw without detokenising (s, tok/s)", f"{r['rollout_raw_no_detok_s']:.3f}",
+             f"{r['rollout_raw_no_detok_tok_s']:.0f}"),
+            ("ratio raw/ours time, ms/decode step", f"{r['rollout_ratio_to_raw']:.3f}",
+             f"{r['rollout_ours_ms_per_decode_step']:.2f}"),
+            ("rollout with log-probs (s), cost", f"{r['rollout_ours_logprobs_s']:.3f}",
+             f"{r['logprobs_cost_s']:+.3f}"),
+            ("GPU busy share of a generate", f"{r['profile_gpu_busy_share']:.2f}", ""),
+            ("samples/s at 64 / 256", f"{r['scaling_64_samples_per_s']:.1f}",
+             f"{r['scaling_256_samples_per_s']:.1f}"),
+            ("samples/s at 1024", f"{r['scaling_1024_samples_per_s']:.1f}", ""),
+            ("train phase (s), MFU", f"{r['train_s']:.3f}", f"{r['train_mfu']:.1%}"),
+            ("sync awake / from sleep (s)", f"{r['sync_s']:.3f}",
+             f"{r['sync_from_sleep_s'] or 0:.3f}")]
+    print(f"\n{args.shape} on {r['device']} (bf16 peak {r['peak_bf16_tflops']:.0f} TFLOP/s), "
+          f"plan: {json.dumps({k: (r['plan'] or {}).get(k) for k in ('optim', 'sleep', 'gradient_checkpointing', 'micro_batch_tokens')})}")  # noqa: E501
+    for name, a, b in rows:
+        print(f"  {name:<40} {a:>10} {b:>10}")
+    print("  top kernels (ms):", r["profile_top_kernels"])
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2))
 

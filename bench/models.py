@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# From the public config.json of each Qwen2.5-*-Instruct model.
+# From the public config.json of each Qwen2.5-*-Instruct model, and of Qwen2.5-Math-7B (the
+# paper's model: untied embeddings, a 152,064-token vocabulary, a 4,096-token context).
+QWEN_VOCAB = 151_936
 QWEN25_SHAPES = {
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2),
@@ -18,8 +20,10 @@ QWEN25_SHAPES = {
                  num_attention_heads=12, num_key_value_heads=2),
     "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                num_attention_heads=16, num_key_value_heads=2),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, vocab_size=152_064,
+               tie_word_embeddings=False, max_position_embeddings=4096, rope_theta=10_000.0),
 }
-QWEN_VOCAB = 151_936
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -57,11 +61,11 @@ def build_random_qwen(shape: str, out_dir: str | Path, texts: list[str], seed: i
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
-    tok = train_tokenizer(texts)
-    cfg = Qwen2Config(vocab_size=QWEN_VOCAB, max_position_embeddings=32768, rope_theta=1e6,
-                      rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="bfloat16",
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=None, **QWEN25_SHAPES[shape])
+    shape_cfg = {"vocab_size": QWEN_VOCAB, "max_position_embeddings": 32768, "rope_theta": 1e6,
+                 "tie_word_embeddings": True, **QWEN25_SHAPES[shape]}
+    tok = train_tokenizer(texts, pad_to=shape_cfg["vocab_size"])
+    cfg = Qwen2Config(rms_norm_eps=1e-6, torch_dtype="bfloat16", eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=None, **shape_cfg)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)

@@ -32,7 +32,7 @@ from rlvr.run_setup import (
     select_eval_rows,
     write_config,
 )
-from rlvr.tracking import RunLogger
+from rlvr.tracking import ProcessMemorySampler, RunLogger
 from rlvr.training import UpdateBatch, compute_old_logprobs, needs_old_logprobs, policy_update
 
 
@@ -77,6 +77,7 @@ class Run:
     sampler: PromptSampler
     gen: torch.Generator
     ref_model: torch.nn.Module | None = None
+    mem_sampler: ProcessMemorySampler | None = None
     history: list = field(default_factory=list)
 
 
@@ -141,6 +142,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                         logps if all(lp is not None for lp in logps) else None)
     # 4. update
     run.engine.sleep()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()  # the rollout's cached blocks must not sit between activations
     upd = update_policy(run, batch)
     t["train"] = time.perf_counter()
     # 5. sync weights into the rollout engine
@@ -174,19 +177,27 @@ def step_metrics(run: Run, comps, correct, keep, graded, upd: dict, t: dict) -> 
         "time/step_s": step_s,
         "perf/tokens_per_s": n_gen / step_s,
         "perf/rollout_tokens_per_s": n_gen / max(t["rollout"] - t["start"], 1e-9),
-        **memory_metrics(run.device),
+        **memory_metrics(run.device, run.mem_sampler,
+                         (run.mem.plan or {}).get("planned_peak_gib")),
     }
 
 
-def memory_metrics(device: torch.device) -> dict[str, float]:
-    """mem/peak_gb: what torch allocated at most this step (vLLM's sleep-mode pool included);
-    mem/device_used_gb: the device's own count right now, as nvidia-smi shows it (GiB)."""
+def memory_metrics(device: torch.device, sampler: ProcessMemorySampler | None,
+                   planned: float | None = None) -> dict:
+    """GiB. mem/peak_gb: the most torch allocated since the last record (vLLM's sleep-mode pool
+    included); mem/process_peak_gb: this process's peak as the driver counts it (nvidia-smi's
+    per-process figure: torch, vLLM and the CUDA context); mem/device_used_gb: the whole card
+    now. On CPU: the process's peak resident memory."""
     if device.type != "cuda":
         return {"mem/peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     free, total = torch.cuda.mem_get_info(device)
     out = {"mem/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
            "mem/reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
            "mem/device_used_gb": (total - free) / 2**30}
+    if sampler is not None and (peak := sampler.take_peak_gib()) is not None:
+        out["mem/process_peak_gb"] = peak
+    if planned is not None:
+        out["mem/planned_peak_gb"] = planned
     torch.cuda.reset_peak_memory_stats(device)
     return out
 
@@ -220,6 +231,9 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
     metrics, examples = evaluate(run.engine, run.grader, run.evalset, run.cfg)
     metrics = {f"eval/{k}": v for k, v in metrics.items()}
     metrics["time/eval_s"] = time.perf_counter() - t0
+    # under their own names: the step with the same number logs its own mem/ figures
+    metrics.update({k.replace("mem/", "mem/eval_"): v
+                    for k, v in memory_metrics(run.device, run.mem_sampler).items()})
     if run.device.type == "cuda":
         # the sampler's large eval batches leave blocks in torch's cache that the next update
         # cannot reuse (the step-11 OOM of issue 8 came right after an eval)
@@ -302,7 +316,7 @@ def build(cfg: Config) -> Run:
                BatchGrader(num_workers=cfg.grader_workers, timeout_s=cfg.grade_timeout_s),
                train, encode_problems(eval_rows, tokenizer, cfg), mem,
                PromptSampler(len(train.rows), cfg.seed), torch.Generator().manual_seed(cfg.seed),
-               ref_model)
+               ref_model, ProcessMemorySampler() if device.type == "cuda" else None)
 
 
 def run(cfg: Config) -> dict:
@@ -346,6 +360,8 @@ def run(cfg: Config) -> dict:
     finally:
         r.grader.close()
         logger.close()
+        if r.mem_sampler is not None:
+            r.mem_sampler.close()
     print(f"\n{cfg.run_name}: eval summary\n{format_eval_table(r.history)}", flush=True)
     return {"history": r.history, "run_dir": str(cfg.run_dir)}
 

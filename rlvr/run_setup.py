@@ -19,6 +19,7 @@ import torch
 
 from rlvr.config import RESUMABLE_FIELDS, Config
 from rlvr.data import DataError, load_subset, stratified_subset
+from rlvr.logprobs import LOGIT_CHUNK_TOKENS
 from rlvr.memory import (
     KNOWN_SHAPES,
     MemoryPlan,
@@ -145,7 +146,8 @@ def workload(cfg: Config, eval_problems: int) -> Workload:
     return Workload(rollout_seqs=cfg.rollout_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
                     max_tokens=cfg.max_tokens, eval_seqs=eval_problems * eval_n,
                     eval_max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
-                    max_num_seqs=cfg.vllm_max_num_seqs, reference_model=cfg.kl_coef > 0)
+                    max_num_seqs=cfg.vllm_max_num_seqs, reference_model=cfg.kl_coef > 0,
+                    logit_chunk_tokens=LOGIT_CHUNK_TOKENS)
 
 
 def card_gib() -> float | None:
@@ -235,7 +237,8 @@ def build_engine(cfg: Config, mem: Resolved, policy, tokenizer, model_dir: str, 
         model_dir, tokenizer, eos_ids, seed=cfg.seed, max_num_seqs=cfg.vllm_max_num_seqs,
         max_model_len=cfg.max_prompt_tokens + max(cfg.max_tokens, cfg.eval_max_tokens or 0),
         sleep_mode=mem.sleep, kv_cache_bytes=None if cfg.gpu_mem_util else mem.kv_cache_bytes,
-        gpu_mem_util=cfg.gpu_mem_util)
+        # the plan gave vLLM gpu_mem_util x the budget; vLLM takes its share of the whole card
+        gpu_mem_util=mem.plan["vllm_share_gib"] / card_gib() if cfg.gpu_mem_util else None)
 
 
 def load_models(cfg: Config, device: torch.device, mem: Resolved):

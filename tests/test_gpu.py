@@ -45,8 +45,9 @@ def setup(tmp_path_factory):
     model_dir = build_random_qwen("0.5B", root / "0.5B", texts)
     tok = load_tokenizer(str(model_dir))
     policy = load_policy(str(model_dir), CUDA, gradient_checkpointing=False)
+    # the KV cache sized in bytes, as the memory plan does (256 MiB: ~21k tokens of this shape)
     engine = VLLMEngine(str(model_dir), tok, eos_token_ids(policy, tok), max_model_len=576,
-                        seed=0, sleep_mode=True, gpu_mem_util=0.3)
+                        seed=0, sleep_mode=True, kv_cache_bytes=256 * 2**20)
     prompts = [encode_prompt(tok, t[:300]) for t in texts[:4]]
     return policy, tok, engine, prompts
 
@@ -143,3 +144,26 @@ def test_generation_config_of_the_checkpoint_does_not_leak(setup):
     _, mean = logprob_diff(policy, engine, prompts, temperature=1.0)
     REPORT["temp1_mean"] = mean
     assert mean < 0.03
+
+
+def test_text_decoded_once_at_the_end_equals_vllms_own_detokenisation(setup):
+    """The engine asks vLLM for token ids only (detokenize=False) and decodes them in one batch;
+    greedy decoding is deterministic, so vLLM's own incremental text must be the same."""
+    from vllm import SamplingParams
+
+    policy, tok, engine, prompts = setup
+    engine.sync_weights(policy)
+    ours = engine.generate(prompts, 1, 0.0, 48)
+    sp = SamplingParams(n=1, temperature=0.0, max_tokens=48, stop_token_ids=engine.eos_ids,
+                        skip_special_tokens=True)
+    raw = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    for group, out in zip(ours, raw):
+        assert group[0].token_ids == list(out.outputs[0].token_ids)
+        assert group[0].text == out.outputs[0].text
+
+
+def test_the_kv_cache_has_the_planned_size(setup):
+    _, _, engine, _ = setup
+    cfg = engine.llm.llm_engine.vllm_config.cache_config
+    REPORT["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+    assert cfg.kv_cache_memory_bytes == 256 * 2**20
