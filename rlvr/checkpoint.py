@@ -1,21 +1,49 @@
-"""Checkpoints: everything needed to continue a run exactly where it stopped.
+"""Checkpoints: everything needed to continue a run exactly where it stopped, and the final model.
 
-A checkpoint holds the fp32 policy, the optimizer, the step, every RNG state and the data position.
-It is written to a temporary directory and renamed, and the previous one is removed only after the
-new one is complete, so a crash while saving never leaves a run without a usable checkpoint.
+A checkpoint directory `checkpoints/step_<n>/` holds
+- `policy.safetensors`: the policy's weights in the dtype it trains in (fp32 masters, or bf16 for
+  adamw_kahan), HF key names, a tied weight stored once (its alias in the header's metadata);
+- `optimizer.safetensors` + `optimizer_meta.pt`: the optimizer's tensors, and the rest of its
+  state_dict (hyperparameters, structure) with each tensor replaced by its name in the file;
+- `state.pt`: step, RNG states, data position, written last: its presence marks a complete one.
+
+Tensors are streamed to disk one at a time (no host copy of the whole state, no pickling, no
+CRC pass over tens of GB). Each checkpoint is written to a temporary directory and renamed, and
+the previous one is removed only after the new one is complete, so a crash while saving never
+leaves a run without a usable checkpoint. A full disk is a one-line CheckpointError.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
+import importlib
+import json
 import os
 import random
 import shutil
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rlvr.optimizers import OPTIMIZERS
+
 CKPT_DIRNAME = "checkpoints"
+POLICY, OPTIM, OPTIM_META, STATE = ("policy.safetensors", "optimizer.safetensors",
+                                    "optimizer_meta.pt", "state.pt")
+FINAL_WEIGHTS = "model.safetensors"
+_ALIASES = "rlvr_aliases"
+# state.pt, optimizer_meta.pt, headers, config and tokenizer files (a Qwen tokenizer is ~11 MB)
+_SMALL_FILES_BYTES = 32 << 20
+
+
+class CheckpointError(OSError):
+    """A checkpoint or final model could not be written because the disk is full.
+
+    An OSError (what a full disk is), so callers that catch OSError already report it."""
 
 
 def rng_state() -> dict:
@@ -38,52 +66,284 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = Path(run_dir) / CKPT_DIRNAME
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("step_*") if (p / "state.pt").exists()]
+    done = [p for p in root.glob("step_*") if (p / STATE).exists()]
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def checkpoint_disk_bytes(n_params: int, optim_name: str) -> dict[str, int]:
+    """Disk a run needs, in bytes, for `n_params` parameters (a tied weight counted once).
+
+    checkpoint: one resumable checkpoint (weights in the training dtype + optimizer state).
+    final_model: the bf16 HF model. For adamw_kahan it is a hard link to the last checkpoint's
+    weights (when save_final_policy is given that checkpoint), so it adds nothing.
+    peak: at the end of a run (or any save): the previous checkpoint is removed only once the
+    new one is complete, so two checkpoints and the final model exist for a moment.
+    """
+    spec = OPTIMIZERS[optim_name]
+    ckpt = int(n_params * (spec.param_bytes + spec.saved_state_bytes)) + _SMALL_FILES_BYTES
+    final = 0 if spec.param_dtype == torch.bfloat16 else 2 * n_params + _SMALL_FILES_BYTES
+    return {"checkpoint": ckpt, "final_model": final, "peak": 2 * ckpt + final}
+
+
+# ---- streaming safetensors writer -------------------------------------------------------------
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       cast: torch.dtype | None = None) -> None:
+    """A safetensors file written one tensor at a time (safetensors' own save_file first copies
+    every GPU tensor to the host: 37 GB of host RAM for a 3B fp32 checkpoint).
+
+    `cast` converts floating-point tensors on their device, one at a time, as they are written.
+    """
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return cast if cast is not None and t.is_floating_point() else t.dtype
+
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * out_dtype(t).itemsize
+        header[name] = {"dtype": _ST_DTYPES[out_dtype(t)], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            host = t.detach().to(dtype=out_dtype(t)).to("cpu").contiguous()
+            if host.numel():
+                f.write(host.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path), device="cpu"), meta
+
+
+def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors with tied ones (lm_head.weight = embed_tokens.weight) once, and the aliases."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for k, t in state.items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            unique[k] = t
+    return unique, aliases
+
+
+def _nbytes(tensors: dict[str, torch.Tensor], cast: torch.dtype | None = None) -> int:
+    return sum(t.numel() * (cast.itemsize if cast is not None and t.is_floating_point()
+                            else t.element_size()) for t in tensors.values())
+
+
+# ---- optimizer state_dict <-> (skeleton, flat tensors) ---------------------------------------
+
+_TENSOR, _SUBCLASS = "__rlvr_tensor__", "__rlvr_tensor_subclass__"
+# tensor subclasses a skeleton may name (torchao's 8-bit moments); nothing else is imported
+_SUBCLASS_MODULES = ("torchao.optim.",)
+
+
+def _flatten(obj, path: str, out: dict[str, torch.Tensor]):
+    if torch.is_tensor(obj):
+        if hasattr(obj, "__tensor_flatten__"):
+            names, attrs = obj.__tensor_flatten__()
+            cls = type(obj)
+            return {_SUBCLASS: f"{cls.__module__}:{cls.__qualname__}", "attrs": list(attrs),
+                    "inner": {n: _flatten(getattr(obj, n), f"{path}.{n}", out) for n in names}}
+        out[path] = obj
+        return {_TENSOR: path}
+    if isinstance(obj, dict):
+        return {k: _flatten(v, f"{path}.{k}", out) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_flatten(v, f"{path}.{i}", out) for i, v in enumerate(obj))
+    return obj
+
+
+def _unflatten(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict) and _TENSOR in obj:
+        return tensors[obj[_TENSOR]]
+    if isinstance(obj, dict) and _SUBCLASS in obj:
+        module, _, name = obj[_SUBCLASS].partition(":")
+        if not module.startswith(_SUBCLASS_MODULES):
+            raise ValueError(f"checkpoint names an unexpected tensor class {obj[_SUBCLASS]}")
+        cls = getattr(importlib.import_module(module), name)
+        inner = {k: _unflatten(v, tensors) for k, v in obj["inner"].items()}
+        return cls.__tensor_unflatten__(inner, obj["attrs"], None, None)
+    if isinstance(obj, dict):
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unflatten(v, tensors) for v in obj)
+    return obj
+
+
+def _pair_tensors(live, saved, pairs: list) -> bool:
+    """Walk two state_dicts together; collect (live, saved) plain tensor pairs. False if their
+    structure, shapes, dtypes or any non-tensor value (hyperparameters) differ."""
+    if torch.is_tensor(live):
+        if not torch.is_tensor(saved) or type(live) is not type(saved):
+            return False
+        if hasattr(live, "__tensor_flatten__"):
+            names, attrs = live.__tensor_flatten__()
+            return list(attrs) == list(saved.__tensor_flatten__()[1]) and all(
+                _pair_tensors(getattr(live, n), getattr(saved, n), pairs) for n in names)
+        pairs.append((live, saved))
+        return live.shape == saved.shape and live.dtype == saved.dtype
+    if isinstance(live, dict):
+        return (isinstance(saved, dict) and live.keys() == saved.keys()
+                and all(_pair_tensors(live[k], saved[k], pairs) for k in live))
+    if isinstance(live, (list, tuple)):
+        return (isinstance(saved, (list, tuple)) and len(live) == len(saved)
+                and all(_pair_tensors(a, b, pairs) for a, b in zip(live, saved)))
+    return live == saved
+
+
+@torch.no_grad()
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Copy into the live (preallocated) state tensors when the structure matches: no second
+    copy of the state on the GPU (25 GB at 3B) and the up-front allocation is kept. Otherwise
+    (state not allocated, other hyperparameters) the library's load_state_dict."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if _pair_tensors(optimizer.state_dict(), saved, pairs):
+        for dst, src in pairs:
+            dst.copy_(src)
+    else:
+        optimizer.load_state_dict(saved)
+    if hasattr(optimizer, "reload_params"):  # the offload's host copies of the weights
+        optimizer.reload_params()
+
+
+# ---- save / load ------------------------------------------------------------------------------
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save on a full disk: "[enforce fail at inline_container.cc:672] . unexpected pos"
+    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e)
+                                            or "No space left" in str(e))
+
+
+def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary sibling of `final` and rename it into place; on any failure
+    remove the temporary directory, and name a full disk as such."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(final.parent).free
+
+    def full(cause: BaseException | None) -> CheckpointError:
+        err = CheckpointError(f"disk is full: {what} needs {need / 1e9:.2f} GB ({need} bytes) "
+                              f"under {final.parent}, {free / 1e9:.2f} GB free before writing")
+        err.errno = errno.ENOSPC
+        err.__cause__ = cause
+        return err
+
+    if free < need:
+        raise full(None)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
+        if _disk_full(e):
+            raise full(e) from e
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
 
 
 def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, extra: dict) -> Path:
     root = Path(run_dir) / CKPT_DIRNAME
-    final = root / f"step_{step}"
-    tmp = root / f".step_{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        torch.save(policy.state_dict(), tmp / "policy.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        # state.pt is written last: its presence marks a complete checkpoint
-        torch.save({"step": step, "rng": rng_state(), **extra}, tmp / "state.pt")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    weights, aliases = _unique(policy.state_dict())
+    opt_tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(optimizer.state_dict(), "opt", opt_tensors)
+    need = _nbytes(weights) + _nbytes(opt_tensors) + _SMALL_FILES_BYTES
+
+    def write(tmp: Path) -> None:
+        _write_safetensors(tmp / POLICY, weights, {"format": "pt", _ALIASES: json.dumps(aliases)})
+        _write_safetensors(tmp / OPTIM, opt_tensors, {"format": "pt"})
+        torch.save(skeleton, tmp / OPTIM_META)
+        torch.save({"step": step, "rng": rng_state(), **extra}, tmp / STATE)  # last: complete
+
+    final = _write_dir(root / f"step_{step}", need, f"the step-{step} checkpoint", write)
     for old in root.glob("step_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def load_policy_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy weights of a checkpoint directory (every state_dict key, tied ones included),
+    on the CPU, in the dtype they were trained in; memory-mapped, so cheap to call."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / POLICY).exists() and (ckpt_dir / "policy.pt").exists():  # older runs
+        return torch.load(ckpt_dir / "policy.pt", map_location="cpu", weights_only=True,
+                          mmap=True)
+    tensors, meta = _load_safetensors(ckpt_dir / POLICY)
+    for alias, target in json.loads(meta.get(_ALIASES, "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
 def load_checkpoint(path: Path, policy: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict:
-    # via the CPU: load_state_dict copies into the live tensors, so no second copy of the weights
-    # (12 GB at 3B) sits on the GPU next to vLLM
-    policy.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-    state = torch.load(path / "state.pt", weights_only=False)
+    # From memory-mapped host tensors, copied into the live ones: no second copy of the weights
+    # (12 GB at 3B) or of the optimizer state sits on the GPU next to vLLM.
+    path = Path(path)
+    policy.load_state_dict(load_policy_state(path))
+    if (path / OPTIM).exists():
+        tensors, _ = _load_safetensors(path / OPTIM)
+        saved = _unflatten(torch.load(path / OPTIM_META, weights_only=True), tensors)
+    else:  # older runs: the whole state_dict in one torch.save file
+        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    _load_optimizer_state(optimizer, saved)
+    state = torch.load(path / STATE, weights_only=False)
     set_rng_state(state["rng"])
     return state
 
 
-def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer) -> Path:
-    """The trained policy in HF format (bf16, as released checkpoints are) to load anywhere."""
-    out = Path(run_dir) / "final_model"
-    tmp = Path(run_dir) / ".final_model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, state_dict={k: v.to(torch.bfloat16)
-                                            for k, v in policy.state_dict().items()})
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
+                      checkpoint: Path | None = None) -> Path:
+    """The trained policy in HF format (bf16, as released checkpoints are) to load anywhere.
+
+    Weights are cast to bf16 one tensor at a time on their device as they are written. If the
+    policy already trains in bf16 and `checkpoint` is the checkpoint just saved of this same
+    policy, its weights file is hard-linked instead of written again.
+    """
+    weights, _ = _unique(policy.state_dict())
+    link = None
+    if checkpoint is not None and all(t.dtype == torch.bfloat16 for t in weights.values()
+                                      if t.is_floating_point()):
+        link = Path(checkpoint) / POLICY
+    need = _SMALL_FILES_BYTES + (0 if link else _nbytes(weights, torch.bfloat16))
+
+    def write(tmp: Path) -> None:
+        if link is not None:
+            try:
+                os.link(link, tmp / FINAL_WEIGHTS)
+            except OSError:  # another file system, or links not supported
+                shutil.copyfile(link, tmp / FINAL_WEIGHTS)
+        else:
+            _write_safetensors(tmp / FINAL_WEIGHTS, weights, {"format": "pt"},
+                               cast=torch.bfloat16)
+        config = copy.deepcopy(policy.config)
+        config.dtype = torch.bfloat16  # else from_pretrained would load the bf16 file as fp32
+        config.architectures = [type(policy).__name__]
+        config.save_pretrained(tmp)
+        if getattr(policy, "generation_config", None) is not None:
+            policy.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _write_dir(Path(run_dir) / "final_model", need, "the final model", write)
