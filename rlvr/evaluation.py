@@ -30,13 +30,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def ks_for(n: int) -> list[int]:
-    """The k of pass@k worth reporting for n samples per problem: 1, 2, 4, ... <= n."""
+    """The k of pass@k reported for n samples per problem: 1, 2, 4, ... <= n, and n itself.
+
+    n is always included so that the right end of a pass@k curve is the whole sample budget
+    (pass@6 for n = 6), as in the paper's curves up to pass@256.
+    """
     ks = []
     k = 1
     while k <= n:
         ks.append(k)
         k *= 2
+    if n >= 1 and ks[-1] != n:
+        ks.append(n)
     return ks
+
+
+def _se(values: list[float]) -> float:
+    """Standard error of the mean over problems (0 for a single problem)."""
+    return stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
 def subject_slug(subject: str) -> str:
@@ -46,13 +57,16 @@ def subject_slug(subject: str) -> str:
 
 
 def summarize_eval(
-    correct: list[list[float]], subjects: list[str], levels: list[int | None]
+    correct: list[list[float]], subjects: list[str | None], levels: list[int | None]
 ) -> dict[str, float]:
     """Summary metrics of an evaluation; `correct[i]` holds the 0/1 scores of problem i's samples.
 
     Every problem must have the same number of samples n. pass@1 is the mean over problems of the
     per-problem accuracy; pass@1_se is its standard error over problems (the sampling noise of the
-    problem set, which is what matters when comparing runs); pass@k uses the unbiased estimator.
+    problem set, which is what matters when comparing runs); pass@k uses the unbiased estimator
+    per problem and pass@k_se is the standard error of those per-problem estimates. Problems whose
+    subject is None (AIME, AMC: no subject or level metadata) count in every overall metric but
+    in no per-subject or per-level group.
     """
     n_problems = len(correct)
     if n_problems == 0:
@@ -67,15 +81,16 @@ def summarize_eval(
 
     accuracy = [fmean(scores) for scores in correct]
     n_correct = [round(sum(scores)) for scores in correct]
-    out: dict[str, float] = {
-        "pass@1": fmean(accuracy),
-        "pass@1_se": stdev(accuracy) / math.sqrt(n_problems) if n_problems > 1 else 0.0,
-    }
+    out: dict[str, float] = {"pass@1": fmean(accuracy), "pass@1_se": _se(accuracy)}
     for k in ks_for(n)[1:]:  # pass@1 is above, exactly the mean accuracy
-        out[f"pass@{k}"] = fmean(pass_at_k(n, c, k) for c in n_correct)
+        per_problem = [pass_at_k(n, c, k) for c in n_correct]
+        out[f"pass@{k}"] = fmean(per_problem)
+        out[f"pass@{k}_se"] = _se(per_problem)
 
     groups: defaultdict[str, list[float]] = defaultdict(list)
     for acc, subject, level in zip(accuracy, subjects, levels, strict=True):
+        if subject is None:
+            continue
         groups[f"pass@1/{subject_slug(subject)}"].append(acc)
         groups["pass@1/level_" + ("unknown" if level is None else str(level))].append(acc)
     for key in sorted(groups):
@@ -111,3 +126,49 @@ def format_eval_table(history: list[tuple[int, dict]]) -> str:
 
     lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- per-sample records
+
+# One line of evaluate.py's samples.jsonl, and what `rlvr.eval_run.run_eval` returns per sample.
+RECORD_KEYS = ("model", "dataset", "problem_id", "sample", "subject", "level", "gold", "score",
+               "extracted", "response_tokens", "finish_reason", "response")
+
+
+def summarize_samples(records: list[dict]) -> dict[str, float]:
+    """Metrics of one model x dataset from its per-sample records (see `summarize_records`)."""
+    by_problem: dict[str, list[dict]] = {}
+    for r in records:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    correct, subjects, levels = [], [], []
+    for pid, group in by_problem.items():
+        group.sort(key=lambda r: r["sample"])
+        if [r["sample"] for r in group] != list(range(len(group))):
+            raise ValueError(f"problem {pid}: samples {[r['sample'] for r in group]} are not "
+                             f"0..{len(group) - 1} exactly once")
+        correct.append([float(r["score"]) for r in group])
+        subjects.append(group[0].get("subject"))
+        levels.append(group[0].get("level"))
+    out = summarize_eval(correct, subjects, levels)
+    out["n_samples"] = len(records)
+    out["no_box_frac"] = fmean(r["extracted"] is None for r in records)
+    out["truncated_frac"] = fmean(r["finish_reason"] == "length" for r in records)
+    out["response_len"] = fmean(r["response_tokens"] for r in records)
+    return out
+
+
+def summarize_records(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {dataset: metrics}} from per-sample records (the lines of samples.jsonl).
+
+    A pure function of the records, order-insensitive (fmean and stdev sum exactly), so the
+    summary.json that evaluate.py writes can be recomputed from samples.jsonl and compared.
+    Metrics are `summarize_eval`'s plus n_samples, no_box_frac (no `\\boxed{}` found),
+    truncated_frac (stopped by the token limit) and response_len (mean tokens).
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["dataset"]), []).append(r)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (model, dataset), recs in groups.items():
+        out.setdefault(model, {})[dataset] = summarize_samples(recs)
+    return out

@@ -3,7 +3,14 @@ import math
 
 import pytest
 
-from rlvr.evaluation import format_eval_table, ks_for, pass_at_k, subject_slug, summarize_eval
+from rlvr.evaluation import (
+    format_eval_table,
+    ks_for,
+    pass_at_k,
+    subject_slug,
+    summarize_eval,
+    summarize_records,
+)
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -32,8 +39,9 @@ def test_pass_at_k_edge_cases():
 def test_ks_for():
     assert ks_for(1) == [1]
     assert ks_for(4) == [1, 2, 4]
-    assert ks_for(6) == [1, 2, 4]
+    assert ks_for(6) == [1, 2, 4, 6]  # n itself closes the curve
     assert ks_for(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert ks_for(100)[-2:] == [64, 100]
     assert ks_for(0) == []
 
 
@@ -65,6 +73,35 @@ def test_summarize_eval_by_hand():
     assert out["n_problems"] == 3
     assert out["n_samples_per_problem"] == 4
     assert "pass@3" not in out
+    # SE of the per-problem pass@2 estimates 1, 1/2, 0: sd 1/2, over sqrt(3) problems
+    assert out["pass@2_se"] == pytest.approx(0.5 / math.sqrt(3))
+    # pass@4 per problem 1, 1, 0: mean 2/3, sd sqrt(1/3)
+    assert out["pass@4_se"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+
+
+def test_summarize_eval_sets_without_subjects():
+    """AIME/AMC problems carry no subject or level: overall metrics only, no level_unknown."""
+    out = summarize_eval([[1, 0], [0, 0]], [None, None], [None, None])
+    assert out["pass@1"] == 0.25 and out["pass@2"] == 0.5
+    assert not [k for k in out if k.startswith("pass@1/")]
+
+
+def test_summarize_records_matches_summarize_eval_and_checks_samples():
+    def rec(pid, j, score, **kw):
+        return {"model": "m", "dataset": "d", "problem_id": pid, "sample": j, "score": score,
+                "subject": "Algebra", "level": 2, "extracted": "1" if score else None,
+                "response_tokens": 10 + j, "finish_reason": "length" if j == 2 else "stop", **kw}
+
+    recs = [rec("a", j, s) for j, s in enumerate([1, 0, 1])] + \
+        [rec("b", j, s) for j, s in enumerate([0, 0, 0])]
+    out = summarize_records(recs[::-1])["m"]["d"]  # order of lines does not matter
+    ref = summarize_eval([[1, 0, 1], [0, 0, 0]], ["Algebra"] * 2, [2, 2])
+    assert {k: out[k] for k in ref} == pytest.approx(ref)
+    assert out["n_samples"] == 6 and out["no_box_frac"] == pytest.approx(4 / 6)
+    assert out["truncated_frac"] == pytest.approx(2 / 6) and out["response_len"] == 11
+    assert ks_for(3) == [1, 2, 3] and "pass@3" in out
+    with pytest.raises(ValueError, match="exactly once"):
+        summarize_records(recs + [rec("a", 1, 0)])  # a duplicated sample
 
 
 def test_summarize_eval_single_problem_and_errors():
