@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,7 @@ DEFAULT_CHUNK_SAMPLES = 16_384
 # The HF engine has no continuous batching to keep full: small chunks, fine-grained resumption.
 HF_CHUNK_SAMPLES = 256
 PROGRESS_EVERY_S = 10.0
+HEARTBEAT_S = 60.0
 
 
 @dataclass
@@ -83,23 +85,44 @@ def chunk_size(n: int, chunk_samples: int = DEFAULT_CHUNK_SAMPLES) -> int:
 
 
 class _Progress:
-    """One line at most every PROGRESS_EVERY_S seconds, and one at the end."""
+    """One line per finished chunk, at most every PROGRESS_EVERY_S seconds, and one at the end;
+    while a long chunk generates (minutes at 256 samples x 4,096 tokens), a heartbeat line every
+    HEARTBEAT_S seconds says the run is alive and which chunk it is on."""
 
-    def __init__(self, label: str, total: int, stream) -> None:
-        self.label, self.total, self.stream = label, total, stream
+    def __init__(self, label: str, total: int, n_chunks: int, stream) -> None:
+        self.label, self.total, self.n_chunks, self.stream = label, total, n_chunks, stream
         self.t0 = time.perf_counter()
-        self.last = -math.inf
+        self.last = self.last_update = -math.inf  # any line; a chunk's line
+        self.done, self.chunk = 0, 0
+        self._stop = threading.Event()
+        if stream is not None:
+            threading.Thread(target=self._beat, daemon=True, name="rlvr-progress").start()
+
+    def _print(self, text: str) -> None:
+        self.last = time.perf_counter()
+        print(f"[eval] {self.label}: {text}", file=self.stream, flush=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if time.perf_counter() - self.last >= HEARTBEAT_S:
+                self._print(f"{self.done}/{self.total} problems, generating chunk "
+                            f"{self.chunk}/{self.n_chunks} | "
+                            f"{(time.perf_counter() - self.t0) / 60:.1f} min")
 
     def update(self, done: int, samples: int, tokens: int) -> None:
+        self.done = done
         now = time.perf_counter()
-        if self.stream is None or (done < self.total and now - self.last < PROGRESS_EVERY_S):
+        if self.stream is None or (done < self.total
+                                   and now - self.last_update < PROGRESS_EVERY_S):
             return
-        self.last = now
+        self.last_update = now
         el = max(now - self.t0, 1e-9)
         eta = el / done * (self.total - done) if done else math.nan
-        print(f"[eval] {self.label}: {done}/{self.total} problems | {samples / el:.1f} samples/s "
-              f"| {tokens / el:.0f} tok/s | {el / 60:.1f} min | ETA {eta / 60:.1f} min",
-              file=self.stream, flush=True)
+        self._print(f"{done}/{self.total} problems | {samples / el:.1f} samples/s | "
+                    f"{tokens / el:.0f} tok/s | {el / 60:.1f} min | ETA {eta / 60:.1f} min")
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _records(model: str, chunk: list[EvalProblem], outs, scores: list[float]) -> list[dict]:
@@ -135,7 +158,7 @@ def run_eval(engine, grader: BatchGrader, problems: list[EvalProblem], *, n: int
     t_start = time.perf_counter()
     per = chunk_size(n, chunk_samples)
     chunks = [problems[i:i + per] for i in range(0, len(problems), per)]
-    prog = _Progress(label or model, len(problems), progress)
+    prog = _Progress(label or model, len(problems), len(chunks), progress)
     state = {"done": 0, "samples": 0}
 
     def grade(chunk: list[EvalProblem], outs) -> None:  # runs in the grading thread
@@ -159,25 +182,28 @@ def run_eval(engine, grader: BatchGrader, problems: list[EvalProblem], *, n: int
         prog.update(state["done"], state["samples"], res.n_tokens)
 
     pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-grade") as pool:
-        for chunk in chunks:
-            t0 = time.perf_counter()
-            outs = engine.generate([p.prompt_ids for p in chunk], n=n, temperature=temperature,
-                                   max_tokens=max_tokens, top_p=top_p)
-            res.gen_s += time.perf_counter() - t0
-            res.n_tokens += sum(len(c.token_ids) for group in outs for c in group)
-            if pending is not None:  # at most one chunk waits for grading
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlvr-grade") as pool:
+            for k, chunk in enumerate(chunks, 1):
+                prog.chunk = k
                 t0 = time.perf_counter()
-                pending.result()
-                res.grade_wait_s += time.perf_counter() - t0
-            pending = pool.submit(grade, chunk, outs)
-        t0 = time.perf_counter()
-        pending.result()  # the last chunk's grading overlaps nothing
-        res.timing["last_grade_s"] = time.perf_counter() - t0
+                outs = engine.generate([p.prompt_ids for p in chunk], n=n,
+                                       temperature=temperature, max_tokens=max_tokens, top_p=top_p)
+                res.gen_s += time.perf_counter() - t0
+                res.n_tokens += sum(len(c.token_ids) for group in outs for c in group)
+                if pending is not None:  # at most one chunk waits for grading
+                    t0 = time.perf_counter()
+                    pending.result()
+                    res.grade_wait_s += time.perf_counter() - t0
+                pending = pool.submit(grade, chunk, outs)
+            t0 = time.perf_counter()
+            pending.result()  # the last chunk's grading overlaps nothing
+            res.timing["last_grade_s"] = time.perf_counter() - t0
+    finally:
+        prog.close()
     res.wall_s = time.perf_counter() - t_start
     res.timing.update(gen_s=res.gen_s, grade_s=res.grade_s, grade_wait_s=res.grade_wait_s,
-                      wall_s=res.wall_s,
-                      n_chunks=len(chunks), problems_per_chunk=per)
+                      wall_s=res.wall_s, n_chunks=len(chunks), problems_per_chunk=per)
     return res
 
 

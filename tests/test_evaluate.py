@@ -84,6 +84,41 @@ def test_eval_sets_load_with_counts_and_golds(data_root):
     assert all(r["problem"] and r["answer"] for v in sets.values() for r in v)
 
 
+def test_hub_sources_read_the_documented_fields(monkeypatch):
+    """Without --data_root the sets come from the hub ids in rlvr/eval_sets.py (a stand-in for
+    `datasets.load_dataset` here: no network in tests)."""
+    from types import SimpleNamespace
+
+    from rlvr.data import DataError
+
+    hub = {
+        ("HuggingFaceH4/MATH-500", "test"): [
+            {"problem": "p", "solution": "so \\boxed{\\frac{1}{2}}", "answer": "1/2",
+             "subject": "Algebra", "level": 3, "unique_id": "test/algebra/1.json"}],
+        ("HuggingFaceH4/aime_2024", "train"): [
+            {"id": 60, "problem": "q", "answer": "204", "solution": "...", "url": "u"}],
+        ("TianHongZXY/amc23", "test"): [{"question": "r", "answer": 27.0}],
+    }
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return hub[(name, split)]
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    [m] = load_eval_set("math500")
+    assert (m["id"], m["answer"], m["subject"], m["level"]) == \
+        ("test/algebra/1.json", "\\frac{1}{2}", "Algebra", 3)  # gold from the solution's box
+    [a] = load_eval_set("aime2024")
+    assert (a["id"], a["problem"], a["answer"]) == ("aime2024/60", "q", "204")
+    [c] = load_eval_set("amc23")
+    assert (c["id"], c["problem"], c["answer"]) == ("amc23/0", "r", "27")  # 27.0 read as 27
+    assert calls == list(hub)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="needs the `datasets` package"):
+        load_eval_set("aime2025")
+
+
 def test_limit_is_stratified_and_seeded(data_root):
     rows = load_eval_set("math500", str(data_root))
     sub = select_subset(rows, 100, seed=0)
