@@ -232,7 +232,11 @@ def finish(out: Path, config: dict, quiet_if_unchanged: bool = False) -> None:
     old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
     if not (quiet_if_unchanged and old == json.loads(json.dumps(summary))):
         write_summary(out, config)
-        fig = FIGURE if plot_pass_at_k_curves([(out.name, summary)], out / FIGURE) else None
+        try:
+            fig = FIGURE if plot_pass_at_k_curves([(out.name, summary)], out / FIGURE) else None
+        except ImportError:  # matplotlib: in requirements.txt, but the numbers do not need it
+            print("note: matplotlib is not installed: no pass@k figure", file=sys.stderr)
+            fig = None
         (out / RESULTS).write_text(results_markdown(summary, fig))
     print(f"\n{format_summary_table(summary)}\n\n[eval] outputs in {out}/", flush=True)
 
