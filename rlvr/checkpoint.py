@@ -11,6 +11,12 @@ Tensors are streamed to disk one at a time (no host copy of the whole state, no 
 CRC pass over tens of GB). Each checkpoint is written to a temporary directory and renamed, and
 the previous one is removed only after the new one is complete, so a crash while saving never
 leaves a run without a usable checkpoint. A full disk is a one-line CheckpointError.
+
+Measured on the H100 machine (random Qwen2.5-3B shape, 3.09 B parameters, page cache included),
+before -> after: adamw checkpoint 51.7 s -> 34.7 s (37.0 GB either way: the disk is the limit),
+bf16 final model 5.5 s / 6.8 GB (save_pretrained also wrote the tied lm_head) -> 2.7 s / 6.2 GB,
+resume 31.8 s -> 5.9 s. adamw_kahan: 8.7 s / 24.7 GB and a 0.01 s final model (hard link);
+adamw_8bit: 6.8 s / 18.6 GB.
 """
 
 from __future__ import annotations

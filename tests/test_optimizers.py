@@ -56,7 +56,8 @@ def set_grads(net: torch.nn.Module, grads: list[torch.Tensor]) -> None:
 
 def high_precision(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
     """The weight the optimizer holds: for Kahan, the bf16 weight plus its compensation."""
-    comp = opt.state[p].get("kahan_comp") if p in opt.state else None
+    state = getattr(opt, "state", {})  # (the offload wrapper has none of its own)
+    comp = state[p].get("kahan_comp") if p in state else None
     return p.detach().float() + (comp.float() if torch.is_tensor(comp) else 0.0)
 
 
