@@ -17,7 +17,14 @@ import torch
 
 from rlvr.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_policy
 from rlvr.config import Config, parse_config
-from rlvr.evaluation import format_eval_table, summarize_eval
+from rlvr.eval_run import (
+    EvalProblem,
+    eval_examples,
+    problems_from_rows,
+    run_eval,
+    training_eval_metrics,
+)
+from rlvr.evaluation import format_eval_table
 from rlvr.objectives import compute_advantages
 from rlvr.reward import BatchGrader
 from rlvr.run_setup import (
@@ -72,7 +79,7 @@ class Run:
     engine: object
     grader: BatchGrader
     train: Problems
-    evalset: Problems
+    evalset: list[EvalProblem]
     mem: Resolved
     sampler: PromptSampler
     gen: torch.Generator
@@ -205,31 +212,17 @@ def memory_metrics(device: torch.device, sampler: ProcessMemorySampler | None,
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(engine, grader: BatchGrader, probs: Problems, cfg: Config) -> tuple[dict, list[str]]:
-    greedy = cfg.eval_temperature == 0
-    n = 1 if greedy else cfg.eval_n
-    outs = engine.generate(probs.prompt_ids, n=n, temperature=cfg.eval_temperature,
-                           max_tokens=cfg.eval_max_tokens or cfg.max_tokens, top_p=cfg.eval_top_p)
-    texts = [c.text for group in outs for c in group]
-    golds = [row["answer"] for row in probs.rows for _ in range(n)]
-    graded = grader.grade_batch(texts, golds)
-    correct = [graded.scores[i * n:(i + 1) * n] for i in range(len(probs.rows))]
-    metrics = summarize_eval(correct, [r["subject"] for r in probs.rows],
-                             [r["level"] for r in probs.rows])
-    metrics["grade_timeouts"] = graded.n_timeouts
-    metrics["no_box_frac"] = graded.n_no_box / max(len(texts), 1)
-    metrics["response_len"] = float(np.mean([len(c.token_ids) for g in outs for c in g]))
-    examples = [
-        f"**{r.get('unique_id', i)}** (gold `{r['answer']}`, score {correct[i][0]:.0f})\n\n"
-        f"{outs[i][0].text}" for i, r in enumerate(probs.rows[:cfg.n_eval_examples_logged])
-    ]
-    return metrics, examples
-
-
 def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
+    """The shared evaluation path (rlvr/eval_run.py, as evaluate.py) on the eval problems."""
+    cfg = run.cfg
     t0 = time.perf_counter()
-    metrics, examples = evaluate(run.engine, run.grader, run.evalset, run.cfg)
-    metrics = {f"eval/{k}": v for k, v in metrics.items()}
+    greedy = cfg.eval_temperature == 0
+    result = run_eval(run.engine, run.grader, run.evalset, n=1 if greedy else cfg.eval_n,
+                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                      max_tokens=cfg.eval_max_tokens or cfg.max_tokens, progress=sys.stdout,
+                      label=f"step {at_step}", model=cfg.model_id)
+    metrics = {f"eval/{k}": v for k, v in training_eval_metrics(result).items()}
+    examples = eval_examples(result, cfg.n_eval_examples_logged)
     metrics["time/eval_s"] = time.perf_counter() - t0
     # under their own names: the step with the same number logs its own mem/ figures
     metrics.update({k.replace("mem/", "mem/eval_"): v
@@ -302,6 +295,11 @@ def restore(run: Run) -> int:
     return state["step"]
 
 
+def eval_problems(rows: list[dict], tokenizer, cfg: Config) -> list[EvalProblem]:
+    enc = encode_problems(rows, tokenizer, cfg)
+    return problems_from_rows(enc.rows, enc.prompt_ids, "math_subset")
+
+
 def build(cfg: Config) -> Run:
     from rlvr.run_setup import load_models
 
@@ -314,7 +312,7 @@ def build(cfg: Config) -> Run:
     train = encode_problems(train_rows, tokenizer, cfg)
     return Run(cfg, device, tokenizer, policy, optimizer, engine,
                BatchGrader(num_workers=cfg.grader_workers, timeout_s=cfg.grade_timeout_s),
-               train, encode_problems(eval_rows, tokenizer, cfg), mem,
+               train, eval_problems(eval_rows, tokenizer, cfg), mem,
                PromptSampler(len(train.rows), cfg.seed), torch.Generator().manual_seed(cfg.seed),
                ref_model, ProcessMemorySampler() if device.type == "cuda" else None)
 
@@ -330,7 +328,7 @@ def run(cfg: Config) -> dict:
     logger = RunLogger(cfg.run_dir, resume_step=step if step else None)
     print(f"[run] {cfg.run_name}: {cfg.objective} on {cfg.model_id}, engine {r.engine.name}, "
           f"device {r.device}, optimizer {r.mem.optim}, {len(r.train.rows)} train prompts "
-          f"({r.train.n_skipped} skipped), {len(r.evalset.rows)} eval problems", flush=True)
+          f"({r.train.n_skipped} skipped), {len(r.evalset)} eval problems", flush=True)
     eta = Eta(cfg, step)
     try:
         if step == 0 and not r.history:

@@ -21,41 +21,7 @@ from rlvr.objectives import (
     ratio_stats,
     rollout_is_weights,
 )
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with betas (0.9, 0.95) and a constant learning rate (no warm-up, no schedule).
-
-    Its state is allocated here rather than at the first real step: allocated mid-step, the
-    2 x fp32 moment buffers land in memory segments shared with activations, and those segments
-    can never be returned to the driver while vLLM needs the memory (3B measured 82-90 GB).
-    """
-    fused = next(model.parameters()).is_cuda
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                            weight_decay=weight_decay, eps=1e-8, fused=fused)
-    _allocate_state(opt)
-    return opt
-
-
-@torch.no_grad()
-def _allocate_state(opt: torch.optim.Optimizer) -> None:
-    """Run one step with zero gradients and lr = weight decay = 0, then reset the step counters.
-
-    The weights do not move (every update term is multiplied by lr = 0), the moments stay exactly
-    zero, and with step = 0 the next step is a true first step, bias correction included.
-    """
-    saved = [(g["lr"], g["weight_decay"]) for g in opt.param_groups]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for g in opt.param_groups:
-        g["lr"], g["weight_decay"] = 0.0, 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    for p in params:
-        p.grad = None
-        opt.state[p]["step"].zero_()
-    for g, (lr, wd) in zip(opt.param_groups, saved):
-        g["lr"], g["weight_decay"] = lr, wd
+from rlvr.optimizers import make_optimizer  # noqa: F401 - the one entry point, rlvr.training's
 
 
 @dataclass

@@ -27,7 +27,7 @@ def base_args(model_dir, data_dir, out_dir) -> list[str]:
     return ["--backend", "hf", "--model_id", str(model_dir), "--objective", "W_REINFORCE",
             "--rollout_batch_size", "8", "--rollouts_per_prompt", "2", "--max_tokens", "16",
             "--eval_every", "1", "--eval_n", "2", "--eval_limit", "8", "--save_every", "1",
-            "--micro_batch_size", "4", "--max_prompt_tokens", "600", "--grader_workers", "1",
+            "--micro_batch_tokens", "2048", "--max_prompt_tokens", "600", "--grader_workers", "1",
             "--data_dir", str(data_dir), "--output_dir", str(out_dir), "--exp_name", "e2e"]
 
 
