@@ -1,34 +1,51 @@
 #!/usr/bin/env python
-"""Train-phase sweep without vLLM: micro-batch size x gradient checkpointing, per model shape.
+"""Train-phase sweep without vLLM: padded vs packed micro-batches, eager vs torch.compile,
+gradient checkpointing, micro-batch token budgets, LM-head chunk size; per model shape.
 
-    python bench/bench_train.py --shape 3B --configs 8:1 16:1 16:0 --out train_3B.json
+    python bench/bench_train.py --shapes 0.5B 3B --out train_sweep.json
 
-For each config: the step's old log-probs (no grad) and one clipped-loss update (forward,
-backward, AdamW on fp32 master weights with bf16 autocast) on 64 samples = 32 MATH prompts x 2
-responses of 512 tokens. Prints time, tokens/s, MFU (6 * params * forward tokens / update time /
-measured bf16 peak) and the peak memory of the training side alone.
+Batch: 64 samples = 32 MATH prompts x 2, responses of random token ids whose lengths are
+  full: all 512 tokens (random weights never emit EOS: the worst case), or
+  mix:  an ASSUMED mix for an instruct model on MATH: 20% truncated at 512, the rest normal
+        (mean 310, sd 110) clipped to [16, 511], so ~350 tokens on average.
+Each row times the run's own update, rlvr.training.policy_update with old_logp=None (pi_old from
+the update's own forward: one optimizer step on all 64 samples): fp32 master weights, bf16
+autocast, AdamW. Median of --reps updates after one warm-up (which also compiles: first_s).
+MFU = 6 * params * real forward tokens / update time / measured bf16 peak (padding and
+recompute not counted); pad_frac = padded tokens computed / real ones - 1. Memory: torch's
+max_memory_allocated and the device's used memory (sampled every 20 ms). old_s: the no-grad
+compute_old_logprobs pass (4x the budget), timed on checkpointing rows only (it never
+checkpoints). compile: "ref" = the LM head as it was before (autograd under checkpoint; with
+padded rows this is the old code path, except that only real response tokens reach the head),
+"eager" = the fused eager head (_ChunkHead), "head" = compiled head, "all" = compiled head and
+decoder layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import inspect
+import itertools
 import json
 import statistics
 import sys
+import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bench_gpu import measured_bf16_peak_tflops, now  # noqa: E402
 from bench.models import build_random_qwen, math_texts  # noqa: E402
-from rlvr.config import Config  # noqa: E402
+from rlvr import logprobs, training  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
-from rlvr.experiment import encode_problems  # noqa: E402
 from rlvr.modeling import load_policy, load_tokenizer  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
+from rlvr.prompts import encode_prompt  # noqa: E402
 from rlvr.training import (  # noqa: E402
     UpdateBatch,
     compute_old_logprobs,
@@ -36,70 +53,260 @@ from rlvr.training import (  # noqa: E402
     policy_update,
 )
 
+N_PROMPTS, N_SAMPLES, MAX_TOKENS = 32, 2, 512
+# training.py takes `packed=` once the packing integration is in; until then this bench swaps
+# in pack() and the real-token budget the same way (see _layout)
+NATIVE_PACKED = "packed" in inspect.signature(policy_update).parameters
+
+
+@dataclass(frozen=True)
+class Row:
+    lengths: str   # full | mix
+    layout: str    # padded | packed
+    compile: str   # ref | eager | head | all
+    ckpt: int
+    budget: int    # micro-batch tokens (padded tokens for padded, real ones for packed)
+    chunk: int = logprobs.LOGIT_CHUNK_TOKENS
+
+
+def default_rows(shape: str) -> list[Row]:
+    """Expected ~3 min (0.5B) + ~4 min (3B) on an H100, compiling included. 3B without
+    checkpointing does not fit 80 GB beyond a few thousand tokens (86 GB measured at 4.8k on an
+    H200), so it gets one 4k row."""
+    small = shape == "0.5B"
+    rows = []
+    for lengths, ckpt in itertools.product(("full", "mix"), (0, 1) if small else (1,)):
+        rows.append(Row(lengths, "padded", "ref", ckpt, 16384))  # before this change
+    for lengths, comp in itertools.product(("full", "mix"), ("eager", "all")):
+        if not small and lengths == "full" and comp == "eager":
+            continue  # 3B time budget: ref and all bracket it
+        # all-512 responses leave little padding: one budget shows it
+        budgets = (8192, 16384, 32768) if lengths == "mix" else (16384,)
+        for ckpt in ((0, 1) if small else (1,)):
+            rows.append(Row(lengths, "padded", comp, ckpt, 16384))
+            rows += [Row(lengths, "packed", comp, ckpt, b) for b in budgets]
+        if not small and lengths == "mix":
+            rows.append(Row(lengths, "packed", comp, 0, 4096))
+    ckpt = 0 if small else 1
+    rows.append(Row("mix", "packed", "head", ckpt, 16384))
+    chunks = (1024, 4096, 8192) if small else (4096,)
+    rows += [Row("mix", "packed", c, ckpt, 16384, n) for c in ("eager", "all") for n in chunks
+             if small or c == "all"]
+    return rows
+
+
+def grid_rows(args) -> list[Row]:
+    return [Row(*r) for r in itertools.product(args.lengths, args.layouts, args.compile,
+                                               args.ckpt, args.budgets, args.chunks)]
+
+
+def now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def bf16_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t0 = now()
+    for _ in range(10):
+        a @ b
+    return 2 * 8192**3 / ((now() - t0) / 10) / 1e12
+
+
+class UsedMemory:
+    """Peak of the device's used memory (all processes, the CUDA context included)."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(self.every_s)
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def response_lengths(kind: str, n: int, g: torch.Generator) -> list[int]:
+    if kind == "full":
+        return [MAX_TOKENS] * n
+    body = (torch.randn(n, generator=g) * 110 + 310).clamp(16, MAX_TOKENS - 1).long()
+    truncated = torch.rand(n, generator=g) < 0.2
+    return torch.where(truncated, MAX_TOKENS, body).tolist()
+
+
+def make_batch(prompts: list[list[int]], kind: str) -> UpdateBatch:
+    g = torch.Generator().manual_seed(0)
+    lens = response_lengths(kind, len(prompts), g)
+    responses = [torch.randint(0, 30000, (n,), generator=g).tolist() for n in lens]
+    correct = torch.tensor([float(i % 3 == 0) for i in range(len(prompts))])
+    adv, keep = compute_advantages(correct, "W_REINFORCE", 0.1, N_SAMPLES)
+    return UpdateBatch(prompts, responses, adv, keep)
+
+
+@contextlib.contextmanager
+def _layout(packed: bool):
+    """Keyword arguments for policy_update/compute_old_logprobs that select the layout."""
+    if not packed or NATIVE_PACKED:
+        yield {"packed": True} if packed else {}
+        return
+    saved = training.collate, training.micro_batches
+
+    def micro(idx, batch, max_tokens, max_samples=None):
+        groups = logprobs.token_budget_groups([batch.seq_len(i) for i in idx], max_tokens,
+                                              max_samples)
+        return [[idx[j] for j in g] for g in groups]
+
+    training.collate = lambda p, r, pad_id, device: logprobs.pack(p, r, device)
+    training.micro_batches = micro
+    try:
+        yield {}
+    finally:
+        training.collate, training.micro_batches = saved
+
+
+def computed_tokens(batch: UpdateBatch, row: Row) -> int:
+    """Tokens the forward actually processes: padded rows pay for their padding."""
+    idx = list(range(len(batch.responses)))
+    if row.layout == "packed":
+        return sum(batch.seq_len(i) for i in idx)
+    return sum(len(mb) * max(batch.seq_len(i) for i in mb)
+               for mb in training.micro_batches(idx, batch, row.budget))
+
+
+def configure(policy, row: Row) -> None:
+    if row.ckpt:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        policy.gradient_checkpointing_disable()
+    logprobs.use_logit_head({"ref": "autograd", "eager": "fused"}.get(row.compile, "compiled"))
+    logprobs.compile_decoder_layers(policy, row.compile == "all")
+    logprobs.LOGIT_CHUNK_TOKENS = row.chunk
+
+
+def time_row(policy, opt, batch: UpdateBatch, row: Row, reps: int, pad_id: int,
+             device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    times, old_s = [], None
+    with _layout(row.layout == "packed") as kw:
+        for _ in range(reps + 1):
+            t0 = now()
+            policy_update(policy, opt, batch, None, temperature=1.0, clip_range=0.2,
+                          mini_batch_size=len(batch.responses), max_grad_norm=1.0,
+                          pad_id=pad_id, device=device, generator=gen,
+                          micro_batch_tokens=row.budget, **kw)
+            times.append(now() - t0)
+        if row.ckpt:
+            for _ in range(2):
+                t0 = now()
+                compute_old_logprobs(policy, batch, 1.0, row.budget, pad_id, device, **kw)
+                old_s = now() - t0
+    return {"first_s": times[0], "update_s": statistics.median(times[1:]), "old_s": old_s}
+
+
+def run_shape(shape: str, args, peak: float, used: UsedMemory) -> dict:
+    texts = math_texts(args.data_dir)
+    model_dir = build_random_qwen(shape, Path(args.model_root) / shape, texts)
+    tok = load_tokenizer(str(model_dir))
+    rows_in = load_subset(args.data_dir, "train")[:N_PROMPTS]
+    prompts = [p for r in rows_in for p in [encode_prompt(tok, r["problem"])] * N_SAMPLES]
+    policy = load_policy(str(model_dir), torch.device("cuda"), gradient_checkpointing=False)
+    attn = logprobs.enable_packed_attention(policy)
+    n_params = sum(p.numel() for p in policy.parameters())
+    opt = make_optimizer(policy, 1e-6, 0.01)
+    batches = {k: make_batch(prompts, k) for k in ("full", "mix")}
+    rows = grid_rows(args) if args.grid else default_rows(shape)
+    out = {"shape": shape, "params": n_params, "packed_attention": attn, "rows": []}
+    print(f"\n{shape}: {n_params / 1e6:.0f} M params, packed attention {attn}, "
+          f"{'native' if NATIVE_PACKED else 'patched-in'} packing", flush=True)
+    print(HEADER, flush=True)
+    # compiled rows last: eager rows then need no un-compiling, and compile runs once
+    for row in sorted(rows, key=lambda r: ("ref", "eager", "head", "all").index(r.compile)):
+        batch = batches[row.lengths]
+        real = sum(batch.seq_len(i) for i in range(len(batch.responses)))
+        r = {**asdict(row), "fwd_tokens": real,
+             "pad_frac": computed_tokens(batch, row) / real - 1}
+        configure(policy, row)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        used.reset()
+        try:
+            r.update(time_row(policy, opt, batch, row, args.reps, tok.pad_token_id,
+                              torch.device("cuda")))
+            r.update(tok_s=real / r["update_s"],
+                     mfu=6 * n_params * real / r["update_s"] / (peak * 1e12))
+        except torch.OutOfMemoryError:
+            r["oom"] = True
+            opt.zero_grad(set_to_none=True)
+        r.update(alloc_gib=torch.cuda.max_memory_allocated() / 2**30, used_gib=used.peak / 2**30)
+        out["rows"].append(r)
+        print(fmt(shape, r), flush=True)
+    del policy, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+HEADER = (f"{'shape':<5} {'len':<4} {'layout':<6} {'compile':<7} {'ckpt':>4} {'budget':>6} "
+          f"{'chunk':>5} {'pad%':>5} {'update_s':>8} {'first_s':>7} {'tok/s':>7} {'MFU':>6} "
+          f"{'old_s':>6} {'alloc':>6} {'used':>6}")
+
+
+def fmt(shape: str, r: dict) -> str:
+    head = (f"{shape:<5} {r['lengths']:<4} {r['layout']:<6} {r['compile']:<7} {r['ckpt']:>4} "
+            f"{r['budget']:>6} {r['chunk']:>5} {r['pad_frac']:>5.0%} ")
+    mem = f"{r['alloc_gib']:>6.1f} {r['used_gib']:>6.1f}"
+    if r.get("oom"):
+        return head + f"{'OOM':>8} {'':>7} {'':>7} {'':>6} {'':>6} " + mem
+    old = f"{r['old_s']:>6.3f}" if r["old_s"] is not None else f"{'-':>6}"
+    return head + (f"{r['update_s']:>8.3f} {r['first_s']:>7.1f} {r['tok_s']:>7.0f} "
+                   f"{r['mfu']:>6.1%} {old} ") + mem
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B"))
-    ap.add_argument("--configs", nargs="+", default=["8:1", "16:0", "32:0"],
-                    help="micro_batch_size:gradient_checkpointing(0/1)")
+    ap.add_argument("--shapes", nargs="+", default=["0.5B", "3B"], choices=("0.5B", "1.5B", "3B"))
     ap.add_argument("--data_dir", default="data/math_subset")
     ap.add_argument("--model_root", default="/tmp/rlvr_models")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--grid", action="store_true",
+                    help="the full product of the lists below instead of the default rows")
+    ap.add_argument("--lengths", nargs="+", default=["full", "mix"])
+    ap.add_argument("--layouts", nargs="+", default=["padded", "packed"])
+    ap.add_argument("--compile", nargs="+", default=["eager", "all"],
+                    choices=("ref", "eager", "head", "all"))
+    ap.add_argument("--ckpt", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--budgets", nargs="+", type=int, default=[8192, 16384, 32768])
+    ap.add_argument("--chunks", nargs="+", type=int, default=[logprobs.LOGIT_CHUNK_TOKENS])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    cuda = torch.device("cuda")
-    model_dir = build_random_qwen(args.shape, Path(args.model_root) / args.shape,
-                                  math_texts(args.data_dir))
-    tok = load_tokenizer(str(model_dir))
-    train = encode_problems(load_subset(args.data_dir, "train"), tok, Config())
-    g = torch.Generator().manual_seed(0)
-    prompts = [p for p in train.prompt_ids[:32] for _ in range(2)]
-    responses = [torch.randint(0, 30000, (512,), generator=g).tolist() for _ in prompts]
-    correct = torch.tensor([float(i % 3 == 0) for i in range(64)])
-    adv, keep = compute_advantages(correct, "W_REINFORCE", 0.1, 2)
-    batch = UpdateBatch(prompts, responses, adv, keep)
-    fwd_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
-    peak = measured_bf16_peak_tflops()
-    results = {"shape": args.shape, "device": torch.cuda.get_device_name(),
+    peak = bf16_peak_tflops()
+    used = UsedMemory()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "peak_bf16_tflops": peak,
-               "fwd_tokens": fwd_tokens, "configs": []}
-    policy = None
-    for spec in args.configs:
-        mb, gc = (int(x) for x in spec.split(":"))
-        del policy
-        torch.cuda.empty_cache()
-        policy = load_policy(str(model_dir), cuda, gradient_checkpointing=bool(gc))
-        n_params = sum(p.numel() for p in policy.parameters())
-        opt = make_optimizer(policy, 1e-6, 0.01)
-        torch.cuda.reset_peak_memory_stats()
-        t_old, t_upd = [], []
-        try:
-            for _ in range(args.reps + 1):
-                t0 = now()
-                old, _ = compute_old_logprobs(policy, batch, 1.0, mb, tok.pad_token_id, cuda)
-                t1 = now()
-                policy_update(policy, opt, batch, old, temperature=1.0, clip_range=0.2,
-                              mini_batch_size=64, micro_batch_size=mb, max_grad_norm=1.0,
-                              pad_id=tok.pad_token_id, device=cuda, generator=g)
-                t_old.append(t1 - t0)
-                t_upd.append(now() - t1)
-        except torch.OutOfMemoryError:
-            results["configs"].append({"micro_batch_size": mb, "grad_ckpt": gc, "oom": True})
-            print(f"{args.shape} mb={mb} gc={gc}: out of memory", flush=True)
-            del opt
-            continue
-        old_s, upd_s = statistics.median(t_old[1:]), statistics.median(t_upd[1:])
-        r = {"micro_batch_size": mb, "grad_ckpt": gc, "params": n_params, "old_logprob_s": old_s,
-             "update_s": upd_s, "tok_s": fwd_tokens / (old_s + upd_s),
-             "mfu_update": 6 * n_params * fwd_tokens / upd_s / (peak * 1e12),
-             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        results["configs"].append(r)
-        print(f"{args.shape} mb={mb:<3} gc={gc}: old {old_s:.3f} s, update {upd_s:.3f} s, "
-              f"MFU {r['mfu_update']:.1%}, peak {r['peak_gib']:.1f} GiB", flush=True)
-        del opt
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+               "native_packed": NATIVE_PACKED, "shapes": []}
+    print(f"{results['device']}, torch {torch.__version__}, bf16 peak {peak:.0f} TFLOP/s")
+    try:
+        for shape in args.shapes:
+            results["shapes"].append(run_shape(shape, args, peak, used))
+            if args.out:  # written after every shape, so a time-out keeps what was measured
+                Path(args.out).write_text(json.dumps(results, indent=2))
+    finally:
+        used.stop()
 
 
 if __name__ == "__main__":

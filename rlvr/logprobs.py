@@ -1,14 +1,26 @@
-"""Log-probs of sampled tokens under the training policy, without a [B, T, vocab] fp32 tensor."""
+"""Log-probs of sampled tokens under the training policy, without a [B, T, vocab] fp32 tensor.
+
+Two batch layouts, one contract: `collate` right-pads [B, L]; `pack` concatenates every
+sequence into one row [1, N] with no padding (position ids restart at 0 per sequence). Either way
+`token_logprobs` returns [B, T] log-probs of the response tokens. Packed attention must not cross
+sequences: `enable_packed_attention` installs torch's flash varlen kernel on CUDA; elsewhere
+transformers builds a dense block-diagonal mask (exact, but N^2 memory: CPU/tests only).
+"""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Tokens per chunk when projecting hidden states onto the vocabulary: 2,048 x 151,936 logits in fp32
-# is 1.2 GB, small next to the model, while a whole 64 x 512 batch would be 20 GB.
+# is 1.2 GB, small next to the model, while a whole 64 x 512 batch would be 20 GB. The matmul is
+# already large at 2,048 rows and the softmax work is per token, so bigger chunks buy little speed.
 LOGIT_CHUNK_TOKENS = 2048
+VARLEN_ATTN = "rlvr_varlen"  # our name in transformers' AttentionInterface
 
 
 def autocast_ctx(device: torch.device):
@@ -18,15 +30,121 @@ def autocast_ctx(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                inv_temp: float) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float() * inv_temp
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def _response_index(prompt_lens: list[int], resp_lens: list[int], row_starts: list[int],
+                    T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every real response token: the flat index of the hidden state that predicts it
+    (`token_pos`) and its slot in the flattened [B, T] outputs (`token_slot`)."""
+    pos, slot = [], []
+    for i, (p, r, s) in enumerate(zip(prompt_lens, resp_lens, row_starts)):
+        pos.append(torch.arange(s + p - 1, s + p - 1 + r))
+        slot.append(torch.arange(i * T, i * T + r))
+    return torch.cat(pos), torch.cat(slot)
+
+
+def _response_tensors(prompts: list[list[int]], responses: list[list[int]], row_starts: list[int],
+                      T: int) -> dict[str, torch.Tensor]:
+    if any(not p for p in prompts):
+        raise ValueError("every sample needs a non-empty prompt (its first response token is "
+                         "predicted by the prompt's last hidden state)")
+    B = len(prompts)
+    targets = torch.zeros((B, T), dtype=torch.long)
+    rmask = torch.zeros((B, T), dtype=torch.float32)
+    for i, r in enumerate(responses):
+        targets[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        rmask[i, :len(r)] = 1.0
+    pos, slot = _response_index([len(p) for p in prompts], [len(r) for r in responses],
+                                row_starts, T)
+    return {"targets": targets, "response_mask": rmask, "token_pos": pos, "token_slot": slot}
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response ids, with gather indices for the response tokens.
+
+    Right padding keeps the default position ids (0..len-1) correct for every real token, so no
+    position_ids need to be passed and HF's forward matches the engine's. `positions` [B, T] is the
+    index (within its row) of the hidden state that predicts each response token.
+    """
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    L = max(len(s) for s in seqs)
+    T = max(1, max(len(r) for r in responses))
+    B = len(seqs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, :len(s)] = 1
+    out = _response_tensors(prompts, responses, [i * L for i in range(B)], T)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    positions.view(-1)[out["token_slot"]] = out["token_pos"] % L
+    out.update(input_ids=input_ids, attention_mask=attn, positions=positions)
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]],
+         device: torch.device) -> dict[str, torch.Tensor | int]:
+    """All prompt+response sequences concatenated into `input_ids` [1, N], no padding.
+
+    `position_ids` [1, N] restart at 0 for each sequence (what makes the attention per sequence),
+    `cu_seqlens` [B + 1] (int32) are the sequence boundaries and `max_seqlen` the longest one.
+    `positions` [B, T] is the flat index into N of the hidden state that predicts each response
+    token; `targets` and `response_mask` [B, T] are exactly those of `collate`.
+    """
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    lens = [len(s) for s in seqs]
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    T = max(1, max(len(r) for r in responses))
+    out = _response_tensors(prompts, responses, starts[:-1], T)
+    positions = torch.zeros((len(seqs), T), dtype=torch.long)
+    positions.view(-1)[out["token_slot"]] = out["token_pos"]
+    out.update(input_ids=torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None],
+               position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+               cu_seqlens=torch.tensor(starts, dtype=torch.int32), positions=positions)
+    batch: dict[str, torch.Tensor | int] = {k: v.to(device, non_blocking=True)
+                                            for k, v in out.items()}
+    batch["max_seqlen"] = max(lens)
+    return batch
+
+
+def token_budget_groups(lengths: Sequence[int], max_tokens: int | None,
+                        max_samples: int | None = None) -> list[list[int]]:
+    """Indices into `lengths` grouped so each group's tokens sum to at most `max_tokens` (packed
+    micro-batches: real tokens, not padded ones), and at most `max_samples` per group.
+
+    First-fit decreasing: few groups of even size, and the longest sample opens the first group,
+    so a budget too large for memory fails on the first micro-batch rather than halfway through
+    the step. A sample longer than the budget gets a group of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    groups: list[list[int]] = []
+    room: list[float] = []
+    for i in order:
+        for g, free in enumerate(room):
+            if lengths[i] <= free and (max_samples is None or len(groups[g]) < max_samples):
+                groups[g].append(i)
+                room[g] -= lengths[i]
+                break
+        else:
+            groups.append([i])
+            room.append((float("inf") if max_tokens is None else max_tokens) - lengths[i])
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs
 
 
 def _chunk_logp_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         inv_temp: float, entropy_grad: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-autograd reference of _ChunkHead; what compile_logit_head compiles (inductor fuses
+    its passes better than the hand-written backward)."""
     logits = F.linear(hidden, weight).float() * inv_temp
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
@@ -37,73 +155,285 @@ def _chunk_logp_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     return logp, entropy
 
 
+def _log_softmax(hidden: torch.Tensor, weight: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    # 1/T is folded into the [C, H] input, not the [C, V] logits: one pass fewer, same rounding
+    # (under autocast the input is rounded to bf16 either way); log_softmax reads bf16 logits and
+    # writes fp32 in one kernel
+    scaled = hidden if inv_temp == 1.0 else hidden * inv_temp
+    return torch.log_softmax(F.linear(scaled, weight), dim=-1, dtype=torch.float32)
+
+
+class _ChunkHead(torch.autograd.Function):
+    """log p(target) [C] and entropy [C] of one chunk of C tokens, the [C, V] logits recomputed
+    in backward rather than saved. Same maths as _chunk_logp_entropy under checkpoint with about
+    a third of its passes over [C, V] tensors: no second forward in backward, a closed-form
+    gradient (bench_train.py's compile=ref rows time the old head)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, weight, targets, inv_temp: float, with_entropy: bool,
+                entropy_grad: bool):
+        logp_all = _log_softmax(hidden, weight, inv_temp)
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if with_entropy:
+            entropy = -logp_all.exp().mul_(logp_all).sum(-1)
+        else:
+            entropy = logp.new_zeros(logp.shape)
+        del logp_all
+        ctx.inv_temp, ctx.entropy_grad = inv_temp, with_entropy and entropy_grad
+        ctx.save_for_backward(hidden, weight, targets, entropy)
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, entropy = ctx.saved_tensors
+        logp_all = _log_softmax(hidden, weight, ctx.inv_temp)
+        g_logp = g_logp.float().unsqueeze(-1)
+        # with z the scaled logits: d logp_t / dz = onehot_t - p and dH / dz = -p (log p + H)
+        if ctx.entropy_grad and g_ent is not None:
+            p = logp_all.exp()
+            coef = logp_all.add_(entropy.unsqueeze(-1)).mul_(-g_ent.float().unsqueeze(-1))
+            grad_z = p.mul_(coef.sub_(g_logp))
+            del coef, logp_all
+        else:
+            grad_z = logp_all.exp_().mul_(-g_logp)
+        grad_z.scatter_add_(-1, targets.unsqueeze(-1), g_logp)
+        scaled = hidden if ctx.inv_temp == 1.0 else hidden * ctx.inv_temp
+        # matmuls under the forward's autocast (bf16 on GPU); results back to the masters' dtype
+        grad_hidden = (grad_z @ weight).float().mul_(ctx.inv_temp).to(hidden.dtype)
+        grad_weight = (grad_z.t() @ scaled).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+LOGIT_HEADS = ("fused", "autograd", "compiled")
+_HEAD_MODE = {"kind": "fused"}
+_COMPILED_HEAD: list = []  # made once: switching back and forth must not recompile
+
+
+def use_logit_head(kind: str) -> None:
+    """How token_logprobs computes the LM-head chunks, for every model in this process: "fused"
+    (default) _ChunkHead; "autograd" _chunk_logp_entropy under checkpoint, the implementation
+    before it (for comparisons); "compiled" the same, torch.compiled (GPU; see
+    compile_logit_head)."""
+    if kind not in LOGIT_HEADS:
+        raise ValueError(f"unknown logit head {kind!r}: one of {LOGIT_HEADS}")
+    if kind == "compiled" and not _COMPILED_HEAD:
+        _raise_recompile_limit()
+        _COMPILED_HEAD.append(torch.compile(_chunk_logp_entropy, dynamic=True))
+    _HEAD_MODE["kind"] = kind
+
+
+def _chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temp: float,
+           with_entropy: bool, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if _HEAD_MODE["kind"] == "fused":
+        return _ChunkHead.apply(hidden, weight, targets, inv_temp, with_entropy, entropy_grad)
+    fn = _COMPILED_HEAD[0] if _HEAD_MODE["kind"] == "compiled" else _chunk_logp_entropy
+    if torch.is_grad_enabled():
+        return checkpoint(fn, hidden, weight, targets, inv_temp, entropy_grad,
+                          use_reentrant=False)
+    return fn(hidden, weight, targets, inv_temp, entropy_grad)
+
+
+def _hidden_states(model, batch: dict) -> torch.Tensor:
+    """Last hidden states, [B, L, H] (padded batch) or [1, N, H] (packed batch)."""
+    if "cu_seqlens" not in batch:
+        return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).last_hidden_state
+    kwargs = {}
+    if model.config._attn_implementation == VARLEN_ATTN:
+        # The kernel separates sequences by cu_seqlens: a ready-made (empty) mask mapping makes
+        # transformers skip building its dense [N, N] block-diagonal mask.
+        mask = {t: None for t in getattr(model.config, "layer_types", None) or ["full_attention"]}
+        cu, m = batch["cu_seqlens"], batch["max_seqlen"]
+        kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
+    else:
+        # No mask and no cache: transformers detects packing from the position ids restarting at
+        # 0 and builds the block-diagonal causal mask itself (with a cache it would not).
+        mask = None
+    return model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+
+
+def _to_rows(values: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flat per-token values -> [B, T], zero where there is no response token."""
+    flat = values.new_zeros(mask.numel()).index_copy(0, slot, values)
+    return flat.view(mask.shape) * mask
+
+
 def token_logprobs(
-    model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False,
-    chunk_tokens: int = LOGIT_CHUNK_TOKENS, entropy_grad: bool = False,
+    model, batch: dict, temperature: float, with_entropy: bool = False,
+    chunk_tokens: int | None = None, entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, T] of the response tokens under the sampling distribution (logits / T).
 
-    `batch` comes from `collate`: right-padded `input_ids`/`attention_mask` [B, L] and, for the
-    response tokens, `positions` [B, T] (index of the hidden state that predicts each token),
-    `targets` [B, T] and `response_mask` [B, T]. Only the response positions are projected onto
-    the vocabulary, in chunks; under autograd each chunk is recomputed in backward, so no more than
-    one chunk of fp32 logits is alive at a time. With `with_entropy` the per-token entropy [B, T]
-    comes too; it carries a gradient only with `entropy_grad` (an entropy bonus).
+    `batch` comes from `collate` or `pack`. Only the real response tokens are projected onto the
+    vocabulary, `chunk_tokens` (default LOGIT_CHUNK_TOKENS) at a time; under autograd each chunk
+    is recomputed in backward, so no more than one chunk of fp32 logits is alive at a time. With
+    `with_entropy` the per-token entropy [B, T] comes too; it carries a gradient only with
+    `entropy_grad` (an entropy bonus). Padding slots of the outputs are 0.
     """
-    hidden = model.model(input_ids=batch["input_ids"],
-                         attention_mask=batch["attention_mask"]).last_hidden_state
-    b_idx = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
-    h = hidden[b_idx, batch["positions"]]  # [B, T, H]
-    flat_h = h.reshape(-1, h.shape[-1])
-    flat_t = batch["targets"].reshape(-1)
+    chunk_tokens = chunk_tokens or LOGIT_CHUNK_TOKENS
+    hidden = _hidden_states(model, batch)
+    pos, slot = batch["token_pos"], batch["token_slot"]
+    if pos.numel() == 0:
+        # nothing to score: one dummy token (zeroed by the mask) keeps backward() working
+        pos = slot = pos.new_zeros(1)
+    h = hidden.reshape(-1, hidden.shape[-1])[pos]
+    targets = batch["targets"].reshape(-1)[slot]
     weight = model.lm_head.weight
     inv_temp = 1.0 / temperature
     logps, ents = [], []
-    for s in range(0, flat_h.shape[0], chunk_tokens):
-        hc, tc = flat_h[s:s + chunk_tokens], flat_t[s:s + chunk_tokens]
-        if with_entropy and torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_logp_entropy, hc, weight, tc, inv_temp, entropy_grad,
-                                 use_reentrant=False)
-        elif with_entropy:
-            lp, ent = _chunk_logp_entropy(hc, weight, tc, inv_temp)
-        elif torch.is_grad_enabled():
-            lp = checkpoint(_chunk_logp, hc, weight, tc, inv_temp, use_reentrant=False)
-        else:
-            lp = _chunk_logp(hc, weight, tc, inv_temp)
+    for s in range(0, h.shape[0], chunk_tokens):
+        lp, ent = _chunk(h[s:s + chunk_tokens], weight, targets[s:s + chunk_tokens], inv_temp,
+                         with_entropy, entropy_grad)
         logps.append(lp)
-        if with_entropy:
-            ents.append(ent)
-    shape = batch["targets"].shape
+        ents.append(ent)
     mask = batch["response_mask"]
-    logp = torch.cat(logps).view(shape) * mask
-    entropy = torch.cat(ents).view(shape) * mask if with_entropy else None
+    logp = _to_rows(torch.cat(logps), slot, mask)
+    entropy = _to_rows(torch.cat(ents), slot, mask) if with_entropy else None
     return logp, entropy
 
 
-def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-            device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response ids, with gather indices for the response tokens.
+# ---------------------------------------------------------------------------------------------
+# Attention for packed batches
 
-    Right padding keeps the default position ids (0..len-1) correct for every real token, so no
-    position_ids need to be passed and HF's forward matches the engine's.
+
+def _load_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# varlen_attn's keywords changed between torch releases (is_causal -> window_size; scale and
+# enable_gqa added), so the call is built from its signature.
+_VARLEN, _VARLEN_PARAMS = _load_varlen()
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_seqlen: int, scale: float) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [N, Hq, D], k and v [N, Hkv, D]."""
+    dtype = q.dtype
+    if q.is_cuda:  # the flash kernel takes bf16/fp16 only and, as a custom op, ignores autocast
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"varlen attention needs bf16/fp16 (autocast), got {dtype}")
+    kw = {}
+    if "enable_gqa" in _VARLEN_PARAMS:
+        kw["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        # Older varlen_attn documents K/V with as many heads as Q: repeat them (HF's repeat_kv
+        # order, query head h reads kv head h // n_rep) rather than rely on undocumented GQA.
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if "window_size" in _VARLEN_PARAMS:
+        kw["window_size"] = (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if "scale" in _VARLEN_PARAMS:
+        kw["scale"] = scale
+    elif abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6:
+        raise RuntimeError("this torch's varlen_attn has no scale argument; need 1/sqrt(head_dim)")
+    q, k, v = (x.to(dtype).contiguous() for x in (q, k, v))
+    return _VARLEN(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
+
+
+def _packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      sliding_window: int | None = None, **kwargs):
+    """transformers attention function: varlen for packed batches (those that carry
+    cu_seq_lens_q), sdpa exactly as before for everything else (padded batches, generation)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
+    if query.shape[0] != 1 or sliding_window is not None or dropout:
+        raise NotImplementedError("packed attention: one row, no sliding window, no dropout")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # HF hands over [1, H, N, D]; the kernel wants [N, H, D] and HF wants [1, N, H, D] back
+    out = _flash_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                        value[0].transpose(0, 1), cu, kwargs["max_length_q"], scale)
+    return out.unsqueeze(0), None
+
+
+def varlen_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _VARLEN is not None
+
+
+def enable_packed_attention(model, impl: str = "auto") -> str:
+    """Choose how packed batches attend; returns the implementation now active.
+
+    "varlen": torch's flash varlen kernel for packed batches (CUDA, torch >= 2.9), sdpa for all
+    other batches; "sdpa": transformers' dense block-diagonal mask (N^2 bytes, no flash kernel:
+    for CPU and tests). "auto" takes varlen where it is available and the model has only full
+    attention layers. Padded batches and generation behave as with plain sdpa either way.
     """
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    L = max(len(s) for s in seqs)
-    T = max(1, max(len(r) for r in responses))
-    B = len(seqs)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    positions = torch.zeros((B, T), dtype=torch.long)
-    targets = torch.zeros((B, T), dtype=torch.long)
-    rmask = torch.zeros((B, T), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        n = len(p) + len(r)
-        input_ids[i, :n] = torch.tensor(p + r)
-        attn[i, :n] = 1
-        if r:
-            positions[i, :len(r)] = torch.arange(len(p) - 1, n - 1)
-            targets[i, :len(r)] = torch.tensor(r)
-            rmask[i, :len(r)] = 1.0
-    out = {"input_ids": input_ids, "attention_mask": attn, "positions": positions,
-           "targets": targets, "response_mask": rmask}
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if impl == "auto":
+        device = next(model.parameters()).device
+        full = all(t == "full_attention" for t in getattr(model.config, "layer_types", None) or [])
+        impl = "varlen" if varlen_available(device) and full else "sdpa"
+    if impl == "varlen":
+        AttentionInterface.register(VARLEN_ATTN, _packed_attention)
+        # padded batches get sdpa's own mask under our name (packed ones skip mask building)
+        AttentionMaskInterface.register(VARLEN_ATTN, sdpa_mask)
+        model.set_attn_implementation(VARLEN_ATTN)
+    elif impl == "sdpa":
+        model.set_attn_implementation("sdpa")
+    else:
+        raise ValueError(f"unknown packed attention {impl!r}: auto, varlen or sdpa")
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile (GPU)
+
+
+def _raise_recompile_limit(n: int = 64) -> None:
+    # grad/no-grad, train/eval, packed/padded each add a graph; the default limit (8) would
+    # silently fall back to eager part-way through a run
+    import torch._dynamo.config as dcfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, name):
+            setattr(dcfg, name, max(getattr(dcfg, name), n))
+
+
+def compile_decoder_layers(model, enable: bool = True) -> int:
+    """torch.compile each decoder layer in place (regional compilation); returns how many.
+
+    The layers share one code path, so one graph serves all of them. Shapes are dynamic from the
+    first call: the packed length N (and the padded [B, L]) change every micro-batch, and a static
+    graph would recompile for each. Module.compile keeps parameter names (state_dict, weight sync
+    and checkpoints unchanged), and gradient checkpointing wraps the compiled call, so the
+    recompute in backward runs the compiled forward. `enable=False` restores eager.
+    """
+    _raise_recompile_limit()
+    layers = model.model.layers
+    for layer in layers:
+        compiled = getattr(layer, "_compiled_call_impl", None) is not None  # Module.compile's
+        if enable and not compiled:
+            layer.compile(dynamic=True)
+        elif not enable:
+            layer._compiled_call_impl = None
+    return len(layers)
+
+
+def compile_logit_head(enable: bool = True) -> None:
+    """Use a compiled _chunk_logp_entropy (under checkpoint) for the LM-head chunks of every
+    model in this process, instead of the eager _ChunkHead.
+
+    The head's cost beyond its matmuls is memory traffic over [chunk, vocab] tensors (~1.2 GB in
+    fp32 per 2,048 tokens): _ChunkHead makes about 4 such passes forward and 4 in backward;
+    inductor fuses the reference's into about one each, reading the bf16 logits.
+    """
+    use_logit_head("compiled" if enable else "fused")
