@@ -7,21 +7,107 @@ penalty) must never leak in, or the rollouts are not samples of the policy being
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rlvr.logprobs import autocast_ctx
 from rlvr.rollout import Completion
 
+# Working memory one HF `generate` call may use (KV cache, prefill activations, logits) when the
+# engine runs on the CPU: with fp32 weights, AdamW state and the grader workers, a SmolLM2-135M
+# run then stays within an 8 GB machine. A constant, not a share of the free memory, so that the
+# chunking (and with it which samples the RNG stream gives) is the same on every run and resume.
+CPU_GENERATION_BUDGET_BYTES = 1 << 30
+# On a GPU, this share of the card (the HF engine only runs there when vLLM is not used).
+GPU_GENERATION_BUDGET_SHARE = 1 / 8
+
+
+@dataclass(frozen=True)
+class GenerationCost:
+    """Bytes one sequence costs inside `generate`, from the model's shapes: upper bounds of peak
+    RSS measured on CPU (transformers 5.17, sdpa, glibc malloc), which tests/test_engines.py
+    holds to a measurement of the test model.
+
+    SmolLM2-135M (30 layers, KV 46 KB per token in fp32) in one call: 8 x 400 prompt tokens
+    + 16 new peaked at 363-429 MB, 16 x 300 + 8 at 651 MB, 8 x 200 + 256 at 219 MB; the 2-layer
+    test model 64 x 1,000 + 1 at 546 MB. Prefill holds about a second copy of the KV cache and
+    ~(12 hidden + 6 intermediate) fp32 values per prompt token beyond it (activations, and what
+    the allocator does not hand back between layers); the padding mask is [b, 1, L, L] fp32.
+    """
+
+    kv_per_token: int       # K and V of every layer for one position, in the cache's dtype
+    prefill_per_token: int  # what one prompt token holds on top during prefill (see above)
+    step_per_seq: int       # fp32 logits, processed scores and probabilities of one step
+    score_per_step: int     # one step's kept [vocab] scores when log-probs are asked for
+    per_chunk: int = 32 << 20  # whatever a call needs however small (workspaces, allocator)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> GenerationCost:
+        cfg = model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        elt = next(model.parameters()).element_size()  # the cache is kept in the weights' dtype
+        kv = 2 * cfg.num_hidden_layers * kv_heads * head_dim * elt
+        return cls(kv_per_token=kv, prefill_per_token=kv + (12 * cfg.hidden_size + 6 * inter) * 4,
+                   step_per_seq=4 * cfg.vocab_size * 4, score_per_step=cfg.vocab_size * 4)
+
+    def per_sequence(self, prompt_len: int, max_tokens: int, scores: bool) -> int:
+        """Peak bytes of one sequence padded to `prompt_len` generating `max_tokens`."""
+        mask = 8 * prompt_len  # the 4D padding mask, and a copy of it
+        return ((prompt_len + max_tokens) * self.kv_per_token
+                + prompt_len * (self.prefill_per_token + mask) + self.step_per_seq
+                + (max_tokens * self.score_per_step if scores else 0))
+
+    def chunk_bytes(self, n: int, prompt_len: int, max_tokens: int, scores: bool) -> int:
+        """Peak bytes of one generate() call of `n` sequences padded to `prompt_len`."""
+        return self.per_chunk + n * self.per_sequence(prompt_len, max_tokens, scores)
+
+
+def plan_chunks(lengths: list[int], max_tokens: int, scores: bool, cost: GenerationCost,
+                budget_bytes: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into generate() calls that each fit `budget_bytes`.
+
+    Longest prompts first, so that each chunk pads little and the most expensive chunk runs
+    first (a budget that is too large fails at once, not an hour in). Stable: the copies of one
+    prompt stay together and in order. A single sequence over budget still gets its own chunk.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks, start = [], 0
+    while start < len(order):
+        per_seq = cost.per_sequence(lengths[order[start]], max_tokens, scores)
+        size = max(1, (budget_bytes - cost.per_chunk) // per_seq)
+        chunks.append(order[start:start + size])
+        start += size
+    return chunks
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory
+                   * GPU_GENERATION_BUDGET_SHARE)
+    return CPU_GENERATION_BUDGET_BYTES
+
 
 class HFEngine:
-    """Samples with the policy itself through `transformers.generate`: nothing to sync."""
+    """Samples with the policy itself through `transformers.generate`: nothing to sync.
+
+    A call is split into chunks whose KV cache, prefill activations and logits fit
+    `memory_budget_bytes` (default: `default_budget_bytes`), so the whole eval set (1,250
+    problems x 4 samples) never goes through one `generate` call.
+    """
 
     name = "hf"
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, eos_ids: list[int]):
+    def __init__(self, policy: torch.nn.Module, tokenizer, eos_ids: list[int], *,
+                 memory_budget_bytes: int | None = None):
         self.policy = policy
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.memory_budget_bytes = memory_budget_bytes
+        self.cost = GenerationCost.of(policy)
 
     def _generation_config(self, temperature: float, max_tokens: int, scores: bool,
                            top_p: float = 1.0):
@@ -41,15 +127,37 @@ class HFEngine:
         )
 
     @torch.no_grad()
-    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False, top_p=1.0):
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
+                 return_logprobs: bool = False, top_p: float = 1.0) -> list[list[Completion]]:
         model = self.policy
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        # HF generate samples from torch's global RNG, which the run seeds once and every
-        # checkpoint saves, so a resumed run continues the same random stream (reseeding per call
-        # would restart it, and make seed s's call k+1 replay seed s+1's call k).
+        budget = self.memory_budget_bytes or default_budget_bytes(device)
         flat = [p for p in prompts for _ in range(n)]
+        chunks = plan_chunks([len(p) for p in flat], max_tokens, return_logprobs, self.cost,
+                             budget)
+        gen_config = self._generation_config(temperature, max_tokens, return_logprobs, top_p)
+        from transformers import GenerationConfig
+
+        own_config, was_training = model.generation_config, model.training
+        model.generation_config = GenerationConfig()  # nothing of the checkpoint's to fall back on
+        model.eval()
+        completions: list[Completion | None] = [None] * len(flat)
+        try:
+            # HF generate samples from torch's global RNG, which the run seeds once and every
+            # checkpoint saves, so a resumed run continues the same random stream (reseeding per
+            # call would restart it, and make seed s's call k+1 replay seed s+1's call k). The
+            # chunks draw from it one after the other; their plan depends only on the model, the
+            # lengths and the budget, so the same call always consumes the stream the same way.
+            for chunk in chunks:
+                outs = self._generate_chunk([flat[i] for i in chunk], gen_config, device)
+                for i, c in zip(chunk, outs):
+                    completions[i] = c
+        finally:
+            model.generation_config = own_config
+            model.train(was_training)
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_chunk(self, flat: list[list[int]], gen_config, device) -> list[Completion]:
         L = max(len(p) for p in flat)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(flat), L), pad, dtype=torch.long)
@@ -57,38 +165,29 @@ class HFEngine:
         for i, p in enumerate(flat):  # left padding: generation appends on the right
             ids[i, L - len(p):] = torch.tensor(p)
             attn[i, L - len(p):] = 1
-        from transformers import GenerationConfig
-
-        own_config = model.generation_config
-        model.generation_config = GenerationConfig()  # nothing of the checkpoint's to fall back on
-        try:
-            with autocast_ctx(device):
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=attn.to(device),
-                    generation_config=self._generation_config(temperature, max_tokens,
-                                                              return_logprobs, top_p),
-                )
-        finally:
-            model.generation_config = own_config
-            model.train(was_training)
-        new = out.sequences[:, L:].tolist()
+        with autocast_ctx(device):
+            out = self.policy.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                       generation_config=gen_config)
+        new = out.sequences[:, L:]
         step_logps = None
-        if return_logprobs:
-            # generate's `scores` are the processed (post-temperature) logits of each step
-            step_logps = torch.stack(out.scores, 1).float().log_softmax(-1)
+        if gen_config.output_scores:
+            # generate's `scores` are the processed (post-temperature) logits of each step; one
+            # step at a time, so that no second [b, T, vocab] copy is ever made
+            step_logps = torch.stack([
+                s.float().log_softmax(-1).gather(1, new[:, t:t + 1]).squeeze(1)
+                for t, s in enumerate(out.scores)], 1).cpu()
+            del out
         completions = []
-        for i, toks in enumerate(new):
+        for i, toks in enumerate(new.tolist()):
             end = next((j + 1 for j, t in enumerate(toks) if t in self.eos_ids), None)
             kept = toks if end is None else toks[:end]
-            lps = None
-            if step_logps is not None:
-                lps = step_logps[i, torch.arange(len(kept)), torch.tensor(kept)].tolist()
             completions.append(Completion(
                 token_ids=kept,
                 text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                truncated=end is None, logprobs=lps,
+                truncated=end is None,
+                logprobs=None if step_logps is None else step_logps[i, :len(kept)].tolist(),
             ))
-        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return completions
 
     def sync_weights(self, policy):
         assert policy is self.policy, "the HF engine samples from the policy object itself"
