@@ -195,6 +195,8 @@ def make_all(logdir: Path, out: Path, window: int = 2, dpi: int = 150,
     _NOTE["text"] = note
     if not logdir.is_dir():
         raise PlotError(f"log directory '{logdir}' does not exist")
+    if out.exists() and not out.is_dir():
+        raise PlotError(f"--out '{out}' exists and is not a directory")
     runs, skipped, warnings = read_runs(logdir)
     for name, why in skipped:
         print(f"warning: skipping run '{name}': {why}", file=sys.stderr)
@@ -212,11 +214,14 @@ def make_all(logdir: Path, out: Path, window: int = 2, dpi: int = 150,
         drew_pass_k = plot_pass_at_k(runs, t / FIGURES[2], dpi)
         md = results_markdown(runs, skipped, logdir, warnings)
         (t / "results.md").write_text(f"> {note}\n\n{md}" if note else md)
-        out.mkdir(parents=True, exist_ok=True)
         written = []
-        for f in sorted(t.iterdir()):
-            shutil.move(str(f), out / f.name)
-            written.append(out / f.name)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted(t.iterdir()):
+                shutil.move(str(f), out / f.name)
+                written.append(out / f.name)
+        except OSError as e:  # a path component is a file, no permission, disk full
+            raise PlotError(f"cannot write to --out '{out}': {e.strerror or e}") from None
     if not drew_pass_k:
         print(f"note: no run logged pass@k for k > 1; {FIGURES[2]} not drawn", file=sys.stderr)
         # A figure left from earlier logs would disagree with the new results.md.

@@ -1,8 +1,9 @@
 """Reading training runs back from their logs, aggregating seeds, and the results.md tables.
 
-Every number comes from `<logdir>/<exp_name>/`: TensorBoard scalars (read with TensorBoard's own
-EventAccumulator) and `config.json`. Nothing is typed in by hand, so anyone can regenerate the
-figures from their own runs with `python plot_results.py`.
+Every number comes from `<logdir>/<exp_name>/`: `metrics.jsonl`, the run's own record of its
+scalars (TensorBoard events, read with TensorBoard's own EventAccumulator, for a run without one)
+and `config.json`. Nothing is typed in by hand, so anyone can regenerate the figures from their
+own runs with `python plot_results.py`.
 
 Statistics, stated once so that the figures and `results.md` agree:
 - runs of the same model x objective (x lambda) are seeds of one group and are averaged;
@@ -120,14 +121,50 @@ def smooth(values: list[float], window: int) -> list[float]:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """All scalars of a run directory; a step logged twice (e.g. after a resume) keeps the
-    value with the latest wall_time."""
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics_file(path: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
+    """Scalars from a run's metrics.jsonl, and what could not be read.
+
+    A line that does not parse (torn by a crash, damaged on disk) is skipped and reported, never
+    a reason to drop the lines after it. Non-finite values are logged as null: left out.
+    """
+    out: dict[str, dict[int, float]] = {}
+    bad = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+            if type(step) is not int:
+                raise TypeError(f"step {step!r}")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            bad.append(lineno)
+            continue
+        for tag, value in record.items():
+            if tag != "step" and type(value) in (int, float):
+                out.setdefault(tag, {})[step] = float(value)  # a later line for a step wins
+    problems = []
+    if bad:
+        lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        problems.append(f"{METRICS_FILE}: {plural(len(bad), 'unreadable line')} skipped "
+                        f"(line {lines})")
+    return {tag: dict(sorted(steps.items())) for tag, steps in out.items()}, problems
+
+
+def read_event_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """All TensorBoard scalars of a run directory, through TensorBoard's own EventAccumulator.
+
+    Orphaned data is purged as TensorBoard itself does: a resumed run writes a restart marker at
+    its checkpoint step + 1 (SummaryWriter's purge_step), and what a dead process logged from
+    there on is dropped. A step still logged twice keeps the value with the latest wall_time.
+    """
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    # purge_orphaned_data=False: we resolve duplicate steps ourselves, by wall_time, instead
-    # of letting the accumulator drop events it considers orphaned.
-    acc = ea.EventAccumulator(str(run_dir), {ea.SCALARS: 0}, purge_orphaned_data=False)
+    acc = ea.EventAccumulator(str(run_dir), {ea.SCALARS: 0}, purge_orphaned_data=True)
     acc.Reload()
     out: dict[str, dict[int, float]] = {}
     for tag in acc.Tags()["scalars"]:
@@ -139,40 +176,89 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def damaged_event_files(run_dir: Path) -> list[tuple[str, int, int | None, str]]:
+    """(file, records read, last step read, why) for each event file that stops being readable.
+
+    EventAccumulator stops reading a file at the first record that fails its checksum or is cut
+    short, silently; TensorBoard's own record reader says where and why.
+    """
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub import errors
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    damaged = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        reader, n, last_step = PyRecordReader_New(str(path)), 0, None
+        while True:
+            try:
+                reader.GetNext()
+            except errors.OutOfRangeError:
+                break
+            except errors.DataLossError as e:
+                damaged.append((path.name, n, last_step, e.message.split(" ", 1)[-1]))
+                break
+            n += 1
+            last_step = event_pb2.Event.FromString(reader.record()).step
+    return damaged
+
+
+def read_scalars(run_dir: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
+    """The scalars a run kept, and warnings about data that could not be read.
+
+    metrics.jsonl is the run's record: the training loop logs every scalar there and in
+    TensorBoard, and on --resume truncates it to the checkpoint step, so it holds exactly what
+    the run itself reports. TensorBoard events are read (orphans purged) only for a run without
+    one. Damaged event files are reported either way.
+    """
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        scalars, problems = read_metrics_file(metrics)
+        consequence = "TensorBoard shows less of this run (the numbers here use metrics.jsonl)"
+    else:
+        scalars, problems = read_event_scalars(run_dir), []
+        consequence = "the rest of that file is missing here (no metrics.jsonl to use instead)"
+    for name, n, step, why in damaged_event_files(run_dir):
+        where = f"after record {n}" + ("" if step is None else f" (step {step})")
+        problems.append(f"event file {name} is unreadable {where}: {why}; {consequence}")
+    return scalars, problems
+
+
 def method_label(objective: str, lambda_psr: float | None) -> str:
     if objective == "W_REINFORCE" and lambda_psr is not None:
         return f"W_REINFORCE (λ={lambda_psr:g})"
     return objective
 
 
-def read_run(run_dir: Path) -> Run | str:
-    """The run, or the reason it cannot be used."""
+def read_run(run_dir: Path) -> tuple[Run | str, list[str]]:
+    """The run, or the reason it cannot be used; and warnings about data that could not be read."""
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
-        return "no config.json"
+        return "no config.json", []
     try:
         cfg = json.loads(cfg_path.read_text())
         model = str(cfg["model_id"]).rstrip("/").split("/")[-1]
         objective = str(cfg["objective"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return f"unreadable config.json ({type(e).__name__}: {e})"
-    scalars = read_scalars(run_dir)
+        return f"unreadable config.json ({type(e).__name__}: {e})", []
+    scalars, problems = read_scalars(run_dir)
     if not scalars.get(PASS1):
-        return f"no {PASS1} scalars"
+        return f"no {PASS1} scalars", problems
     method = method_label(objective, cfg.get("lambda_psr"))
-    return Run(run_dir.name, model, objective, method, cfg.get("seed"), scalars)
+    return Run(run_dir.name, model, objective, method, cfg.get("seed"), scalars), problems
 
 
 def read_runs(logdir: Path) -> tuple[list[Run], list[tuple[str, str]], list[tuple[str, str]]]:
     """(usable runs, skipped (name, reason), warnings (name, message)) for each run directory:
-    a direct subdirectory holding config.json or TensorBoard event files (or logdir itself,
-    when it is one run)."""
+    a direct subdirectory holding config.json, metrics.jsonl or TensorBoard event files (or
+    logdir itself, when it is one run)."""
     runs, skipped, warnings = [], [], []
     dirs = sorted(p for p in logdir.iterdir() if p.is_dir() and not p.name.startswith("."))
     for d in [logdir] if (logdir / "config.json").is_file() else dirs:
-        if not (d / "config.json").exists() and not any(d.glob("events.out.tfevents.*")):
+        if not any((d / f).exists() for f in ("config.json", METRICS_FILE)) \
+                and not any(d.glob("events.out.tfevents.*")):
             continue
-        run = read_run(d)
+        run, problems = read_run(d)
+        warnings += [(d.name, p) for p in problems]
         if isinstance(run, str):
             skipped.append((d.name, run))
             continue
@@ -188,10 +274,15 @@ def read_runs(logdir: Path) -> tuple[list[Run], list[tuple[str, str]], list[tupl
     return runs, skipped, warnings
 
 
-def _model_key(model: str) -> tuple[float, str]:
-    # Order models by parameter count ("0.5B" < "1.5B" < "7B") where the name states it.
+_SIZE_WORDS = {"XS": 0, "S": 1, "M": 2, "L": 3, "XL": 4}
+
+
+def _model_key(model: str) -> tuple[float, float, str]:
+    # Order models by parameter count ("0.5B" < "1.5B" < "7B") where the name states it, else by
+    # a T-shirt size suffix ("demo-model-S" < "-M" < "-L"), else by name.
     m = re.search(r"(\d+(?:\.\d+)?)B", model)
-    return (float(m[1]) if m else math.inf, model)
+    size = _SIZE_WORDS.get(model.rsplit("-", 1)[-1].upper(), math.inf)
+    return (float(m[1]) if m else math.inf, size, model)
 
 
 def group_runs(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str], Group]]:

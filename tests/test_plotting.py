@@ -27,8 +27,9 @@ OUTPUTS = [*plotting.FIGURES, "results.md"]
 
 
 def write_run(logdir: Path, name: str, evals: dict[int, dict[str, float]], config: dict | None,
-              t0: float = 1_000.0) -> Path:
-    """One run as the training script writes it: TensorBoard scalars + config.json."""
+              t0: float = 1_000.0, metrics_file: bool = True) -> Path:
+    """One run as the training script writes it: TensorBoard scalars, the same scalars as lines
+    of metrics.jsonl (appended, as a resumed run does), and config.json."""
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = logdir / name
@@ -37,6 +38,10 @@ def write_run(logdir: Path, name: str, evals: dict[int, dict[str, float]], confi
         for tag, v in tags.items():
             w.add_scalar(tag, v, step, walltime=t0 + step)
     w.close()
+    if metrics_file:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": step, **tags}) + "\n"
+                         for step, tags in sorted(evals.items()))
     if config is not None:
         (run_dir / "config.json").write_text(json.dumps(config))
     return run_dir
@@ -64,10 +69,12 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               4: ev(0.40, 0.03, 0.55, 0.66)}, cfg(a, "NSR", 2))
     write_run(d, "a_psr_s1", {0: ev(0.20), 2: ev(0.26), 4: ev(0.33, 0.025)}, cfg(a, "PSR", 1))
     write_run(d, "a_wr_s1", {0: ev(0.18), 4: ev(0.31, 0.02)}, cfg(a, "W_REINFORCE", 1, lam=0.1))
-    # A resumed run: the second event file re-logs step 2 later in wall time; it must win.
+    # Step 2 logged twice (TensorBoard only, no restart marker): the later wall time must win.
     b = "/models/local/Tiny-1.5B/"
-    write_run(d, "b_nsr_s1", {0: ev(0.50, 0.04), 2: ev(0.10)}, cfg(b, "NSR", 1), t0=1_000.0)
-    write_run(d, "b_nsr_s1", {2: ev(0.55, 0.04), 4: ev(0.60, 0.05)}, None, t0=2_000.0)
+    write_run(d, "b_nsr_s1", {0: ev(0.50, 0.04), 2: ev(0.10)}, cfg(b, "NSR", 1), t0=1_000.0,
+              metrics_file=False)
+    write_run(d, "b_nsr_s1", {2: ev(0.55, 0.04), 4: ev(0.60, 0.05)}, None, t0=2_000.0,
+              metrics_file=False)
     write_run(d, "no_eval_tags", {1: {"train/loss": 0.5}}, cfg(a, "GRPO", 1))
     write_run(d, "no_config", {0: ev(0.9)}, None)
     (d / "not_a_run").mkdir()  # neither config nor events: ignored silently
@@ -177,7 +184,11 @@ def test_cli_on_demo_logs_writes_valid_figures(tmp_path: Path) -> None:
         check_png(out / name)
     md = (out / "results.md").read_text()
     assert md.startswith("> DEMO DATA\n")  # --note marks results.md (and the figures)
-    assert "| Qwen2.5-7B-Instruct | GRPO | 2 seeds | 200 |" in md
+    assert "| demo-model-L | GRPO | 2 seeds | 200 |" in md
+    # models in size order, and no real model name on made-up numbers
+    assert [md.index(f"| demo-model-{size} |") for size in "SML"] == sorted(
+        md.index(f"| demo-model-{size} |") for size in "SML")
+    assert "Qwen" not in md
 
 
 def test_rerun_with_the_same_seed_is_warned_about(tmp_path: Path) -> None:
@@ -201,6 +212,92 @@ def test_bad_logdir_is_one_line_error_and_no_outputs(tmp_path: Path, capsys, cas
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and str(logdir) in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_out_that_cannot_be_a_directory_is_one_line_error(tmp_path, capsys, logdir, where):
+    (tmp_path / "vis").write_text("not a directory")
+    out = tmp_path / "vis" if where == "file" else tmp_path / "vis" / "sub"
+    assert plot_results.main(["--logdir", str(logdir), "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and str(out) in err[0]
+    assert (tmp_path / "vis").read_text() == "not a directory"
+
+
+# ----------------------------------------------------------------------------- what a run kept
+
+
+def write_resumed_run(logdir: Path, keep_metrics_file: bool) -> Path:
+    """Logged through the training loop's own RunLogger: evals every 5 steps, the process killed
+    right after the step-5 eval (its last checkpoint: step 4), then resumed from step 4 with
+    --eval_every 3, so that step 5 is never evaluated again."""
+    from rlvr.tracking import RunLogger
+
+    run_dir = logdir / "resumed"
+    dead = RunLogger(run_dir)
+    dead.log(0, ev(0.10))
+    for step in range(1, 6):
+        dead.log(step, {"train/loss": 1.0})
+    dead.log(5, ev(0.99))
+    dead.close()  # every log() was flushed: a kill leaves the same files
+    resumed = RunLogger(run_dir, resume_step=4)
+    for step in range(5, 10):
+        resumed.log(step, {"train/loss": 0.5})
+        if step % 3 == 0:
+            resumed.log(step, ev(0.20 + step / 100))
+    resumed.close()
+    (run_dir / "config.json").write_text(json.dumps(cfg("m/M", "NSR", 1)))
+    if not keep_metrics_file:
+        (run_dir / "metrics.jsonl").unlink()
+    return run_dir
+
+
+@pytest.mark.parametrize("source", ["metrics.jsonl", "events only"])
+def test_evals_the_resumed_run_discarded_are_not_reported(tmp_path, source):
+    write_resumed_run(tmp_path, keep_metrics_file=source == "metrics.jsonl")
+    runs, skipped, warnings = results.read_runs(tmp_path)
+    assert not skipped and not warnings
+    assert runs[0].scalars["eval/pass@1"] == pytest.approx({0: 0.10, 6: 0.26, 9: 0.29})
+    md = results.results_markdown(runs, skipped, tmp_path)
+    assert ["Model", "Seeds", "step 0", "step 6", "step 9"] in table_rows(md)
+
+
+def damage_event_file(run_dir: Path) -> str:
+    [events] = run_dir.glob("events.out.tfevents.*")
+    data = bytearray(events.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in a record in the middle of the file
+    events.write_bytes(bytes(data))
+    return events.name
+
+
+@pytest.mark.parametrize("keep_metrics_file", [True, False])
+def test_a_damaged_event_file_is_reported_not_silently_cut_short(tmp_path, capsys,
+                                                                 keep_metrics_file):
+    evals = {step: ev(0.10 + step / 100) for step in range(0, 9, 2)}
+    run_dir = write_run(tmp_path / "runs", "r", evals, cfg("m/M", "NSR", 1),
+                        metrics_file=keep_metrics_file)
+    name = damage_event_file(run_dir)
+    assert plot_results.main(["--logdir", str(tmp_path / "runs"), "--out",
+                              str(tmp_path / "vis")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: run 'r': event file {name} is unreadable after record" in err
+    md = (tmp_path / "vis" / "results.md").read_text()
+    assert f"event file {name} is unreadable" in md  # under "## Warnings"
+    if keep_metrics_file:  # the numbers do not depend on the damaged file
+        assert "| M | NSR | 1 seed | 8 |" in md
+    else:  # they do, and the warning says what is lost
+        assert "| M | NSR | 1 seed | 8 |" not in md and "missing here" in md
+
+
+def test_an_unreadable_metrics_line_is_skipped_and_reported(tmp_path):
+    run_dir = write_run(tmp_path, "r", {step: ev(0.1) for step in range(0, 9, 2)},
+                        cfg("m/M", "NSR", 1))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:25]  # torn in the middle of the file
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    runs, _, warnings = results.read_runs(tmp_path)
+    assert sorted(runs[0].scalars["eval/pass@1"]) == [0, 2, 6, 8]
+    assert warnings == [("r", "metrics.jsonl: 1 unreadable line skipped (line 3)")]
 
 
 @pytest.mark.slow
@@ -244,8 +341,8 @@ def test_plots_from_real_training_runs(tmp_path: Path, tiny_model_dir, tiny_data
 
 def write_demo_logs(logdir: Path, n_evals: int = 9) -> None:
     """Plausible synthetic logs: 3 models x 4 objectives x 2 seeds, evals every 50 steps."""
-    models = {"Qwen2.5-0.5B-Instruct": 0.30, "Qwen2.5-1.5B-Instruct": 0.50,
-              "Qwen2.5-7B-Instruct": 0.74}
+    # Obviously fake names: real ones next to made-up numbers pass for results at a glance.
+    models = {"demo-model-S": 0.30, "demo-model-M": 0.50, "demo-model-L": 0.74}
     gains = {"NSR": 0.05, "PSR": 0.045, "W_REINFORCE": 0.06, "GRPO": 0.055}
     rng = random.Random(0)
     for model, base in models.items():
@@ -262,7 +359,7 @@ def write_demo_logs(logdir: Path, n_evals: int = 9) -> None:
                     evals[step] = {"eval/pass@1": p1, "eval/pass@1_se": se} | {
                         f"eval/pass@{k}": 1 - (1 - p1) * k**-alpha for k in (2, 4, 8, 16)}
                 write_run(logdir, f"{model}_{obj}_s{seed}", evals,
-                          cfg(f"Qwen/{model}", obj, seed) | {"n_train_steps": 50 * (n_evals - 1)})
+                          cfg(f"demo/{model}", obj, seed) | {"n_train_steps": 50 * (n_evals - 1)})
 
 
 if __name__ == "__main__":
