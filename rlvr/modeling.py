@@ -4,9 +4,101 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import torch
+
+# How long the hub gets to answer before a model that is not cached counts as unreachable;
+# transformers itself would retry for about a minute and print every attempt.
+HUB_PROBE_TIMEOUT_S = 3.0
+_LOCAL_HINT = "or pass --model_id a local model directory or a .gguf file"
+
+
+class ModelSourceError(ValueError):
+    """The model id names nothing that can be loaded; the message is one line."""
+
+
+def _looks_local(model_id: str) -> bool:
+    return (model_id.startswith(("/", "./", "../", "~")) or model_id in (".", "..")
+            or model_id.endswith(".gguf") or os.path.exists(model_id))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    truthy = {"1", "ON", "YES", "TRUE"}
+    return constants.HF_HUB_OFFLINE or any(  # the environment as it is now, not at import
+        os.environ.get(k, "").upper() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _probe_hub(model_id: str, timeout_s: float) -> int | str:
+    """HTTP status of the model's config.json on the hub, or why the hub gave no answer.
+
+    In a daemon thread with a deadline: the client's timeouts do not cover name resolution.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    answer: list[int | str] = []
+
+    def probe() -> None:
+        try:
+            url = f"{constants.ENDPOINT}/{model_id}/resolve/main/config.json"
+            answer.append(get_session().head(url, headers=build_hf_headers(), timeout=timeout_s,
+                                             follow_redirects=False).status_code)
+        except Exception as e:
+            answer.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    thread = threading.Thread(target=probe, daemon=True, name="rlvr-hub-probe")
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return answer[0] if answer else f"no answer in {timeout_s:g} s"
+
+
+def check_model_source(model_id: str) -> None:
+    """Fail in seconds, in one line, when `model_id` cannot be loaded; loads nothing.
+
+    Local paths (absolute, ./ ../ ~, a .gguf, or anything that exists) must be a .gguf file or a
+    directory with config.json. A hub id passes when its config.json is in the local Hugging
+    Face cache (offline too); otherwise the hub must answer a short probe, which HF_HUB_OFFLINE=1
+    rules out. Called before anything heavy, instead of letting the loaders retry for a minute.
+    """
+    if _looks_local(model_id):
+        path = Path(model_id).expanduser()
+        if not path.exists():
+            raise ModelSourceError(f"model path {model_id} does not exist")
+        if model_id.endswith(".gguf"):
+            if not path.is_file():
+                raise ModelSourceError(f"{model_id} is not a .gguf file")
+        elif not (path / "config.json").is_file():
+            raise ModelSourceError(f"{model_id} is not a Hugging Face model directory "
+                                   "(no config.json)")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return  # cached: loads offline
+    except HFValidationError:
+        raise ModelSourceError(f"{model_id} is neither an existing path nor a valid hub id "
+                               "(org/name)") from None
+    if _hub_offline():
+        raise ModelSourceError(f"{model_id} is not in the local Hugging Face cache and "
+                               f"HF_HUB_OFFLINE is set: unset it, {_LOCAL_HINT}")
+    status = _probe_hub(model_id, HUB_PROBE_TIMEOUT_S)
+    if isinstance(status, str):
+        raise ModelSourceError(f"{model_id} is not in the local Hugging Face cache and the hub "
+                               f"({constants.ENDPOINT}) cannot be reached ({status}): connect "
+                               f"to it, {_LOCAL_HINT}")
+    if status == 404:
+        raise ModelSourceError(f"{model_id}: no such local path, and no such model on the hub "
+                               f"({constants.ENDPOINT})")
+    if status in (401, 403):
+        raise ModelSourceError(f"the hub refuses {model_id} ({status}): not found, or private "
+                               "or gated (log in with `hf auth login` or set HF_TOKEN)")
+    # anything else (a redirect, 5xx): reachable; the loader makes the real request
 
 
 def gguf_cache_dir() -> Path:
@@ -65,16 +157,20 @@ def load_tokenizer(model_dir: str):
 AUTO_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
 
 
-def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bool | str):
-    """The trainable policy with fp32 master weights.
+def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bool | str, *,
+                dtype: torch.dtype = torch.float32):
+    """The trainable policy, its weights loaded directly in `dtype` (fp32 master weights unless
+    the optimizer keeps its own accurate copy).
 
-    bf16 weights stepped at lr ~1e-6 round almost every update away (a 0.02-sized bf16 weight has
-    an ulp of ~1.2e-4), so the weights stay fp32 and only the compute runs in bf16 via autocast.
+    Plain bf16 weights stepped at lr ~1e-6 round almost every update away (a 0.02-sized bf16
+    weight has an ulp of ~1.2e-4), so by default the weights stay fp32 and only the compute runs
+    in bf16 via autocast; bf16 is for an optimizer that makes up for it (Kahan summation,
+    stochastic rounding) and halves the weights' memory.
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        model_dir, dtype=dtype, attn_implementation="sdpa"
     ).to(device)
     # token_logprobs computes logits as hidden @ lm_head.weight^T; refuse models that do more
     extra = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")

@@ -1,11 +1,23 @@
-"""Log-prob alignment: chunked trainer log-probs vs a naive softmax, and vs the sampler's own."""
+"""Log-prob alignment: chunked trainer log-probs vs a naive softmax, and vs the sampler's own;
+loading policies, and checking a model source before loading anything."""
+
+import http.server
+import socket
+import threading
+import time
 
 import pytest
 import torch
 
 from rlvr.engines import HFEngine
 from rlvr.logprobs import collate, token_logprobs
-from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer
+from rlvr.modeling import (
+    ModelSourceError,
+    check_model_source,
+    eos_token_ids,
+    load_policy,
+    load_tokenizer,
+)
 from rlvr.prompts import encode_prompt
 
 CPU = torch.device("cpu")
@@ -103,6 +115,15 @@ def test_policy_weights_are_fp32_masters(policy_and_tok):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_policy_loads_directly_in_the_dtype_asked_for(tiny_model_dir, policy_and_tok):
+    model = load_policy(str(tiny_model_dir), CPU, gradient_checkpointing=False,
+                        dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    fp32 = dict(policy_and_tok[0].named_parameters())
+    for name, p in model.named_parameters():  # the same weights, rounded once
+        torch.testing.assert_close(p, fp32[name].to(torch.bfloat16), atol=0, rtol=0)
+
+
 def test_models_whose_logits_are_not_a_plain_projection_are_refused(tiny_model_dir, tmp_path):
     """token_logprobs computes hidden @ lm_head.weight^T; a softcapped or scaled head would get
     silently wrong log-probs, so it is refused at load time."""
@@ -116,3 +137,108 @@ def test_models_whose_logits_are_not_a_plain_projection_are_refused(tiny_model_d
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         load_policy(str(bad), CPU, gradient_checkpointing=False)
+
+
+# --- check_model_source: a bad --model_id fails in seconds, in one line -----------------------
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache with nothing in it, and no offline switch from the environment."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "hub"
+
+
+def one_line_error(model_id: str) -> str:
+    t0 = time.monotonic()
+    with pytest.raises(ModelSourceError) as info:
+        check_model_source(model_id)
+    assert time.monotonic() - t0 < 5.0
+    message = str(info.value)
+    assert "\n" not in message and model_id in message
+    return message
+
+
+@pytest.mark.parametrize("model_id", ["/nonexistent/model", "./no_such_model",
+                                      "../no_such_model", "~/no_such_model_h10", "nope.gguf"])
+def test_a_missing_local_path_says_so(model_id):
+    assert "does not exist" in one_line_error(model_id)
+
+
+def test_existing_local_sources_pass_and_others_are_named(tiny_model_dir, tmp_path):
+    check_model_source(str(tiny_model_dir))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    check_model_source(str(tmp_path / "m.gguf"))
+    assert "no config.json" in one_line_error(str(tmp_path))
+    (tmp_path / "dir.gguf").mkdir()
+    assert "not a .gguf file" in one_line_error(str(tmp_path / "dir.gguf"))
+    assert "nor a valid hub id" in one_line_error("no such/path here")
+
+
+def test_an_unreachable_hub_fails_fast_with_the_way_out(empty_hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    message = one_line_error("Qwen/Qwen2.5-0.5B-Instruct")
+    assert "cannot be reached" in message and "local model directory or a .gguf" in message
+
+
+def test_a_hub_that_never_answers_counts_as_unreachable(empty_hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        assert "cannot be reached" in one_line_error("org/model")
+
+
+def test_the_default_model_fails_fast_without_network(empty_hub_cache):
+    """No network here, which is the case of the issue; with one, the check passes quickly."""
+    t0 = time.monotonic()
+    try:
+        check_model_source("Qwen/Qwen2.5-0.5B-Instruct")
+    except ModelSourceError as e:
+        assert "\n" not in str(e)
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_offline_mode_never_probes_and_cached_models_pass(empty_hub_cache, monkeypatch):
+    import rlvr.modeling
+
+    monkeypatch.setattr(rlvr.modeling, "_probe_hub", lambda *a: pytest.fail("probed offline"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" in one_line_error("org/model")
+    snapshot = empty_hub_cache / "models--org--model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (empty_hub_cache / "models--org--model" / "refs").mkdir()
+    (empty_hub_cache / "models--org--model" / "refs" / "main").write_text("abc123")
+    check_model_source("org/model")
+
+
+def test_a_model_the_hub_does_not_have_is_named(empty_hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert "no such model on the hub" in one_line_error("org/no-such-model")
+    finally:
+        server.shutdown()
