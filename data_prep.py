@@ -32,18 +32,28 @@ from rlvr.data import (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
         "--source",
         default=None,
-        help=f"local MATH directory (default: the hub dataset {HUB_DATASET})",
+        help="local MATH directory (<split>.jsonl or <split>/<subject>/<n>.json); None reads "
+        f"the hub dataset {HUB_DATASET} (needs `datasets`)",
     )
-    p.add_argument("--output_dir", default="data/math_subset")
-    p.add_argument("--fraction", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
-    return p.parse_args(argv)
+    p.add_argument("--output_dir", default="data/math_subset",
+                   help="where <split>.jsonl and manifest.json are written")
+    p.add_argument("--fraction", type=float, default=0.25,
+                   help="share of each split to keep, stratified by subject x level, in (0, 1]")
+    p.add_argument("--seed", type=int, default=42,
+                   help="same seed, byte-identical output; each split draws from its own stream")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+                   help="which splits to build")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build(args: argparse.Namespace) -> tuple[dict[str, bytes], dict]:

@@ -16,9 +16,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-# The private parsers are imported on purpose: listing every box must use exactly the rule
-# `extract_boxed` uses for the last one, or "several different values" would mean something else.
-from rlvr.reward import _BOX_RE, _balanced_group, extract_boxed
+# Listing every box must use exactly the rule `extract_boxed` uses for the last one, or "several
+# different values" would mean something else: both come from the one parser in rlvr.reward.
+from rlvr.reward import box_arguments, extract_boxed
 
 HUB_DATASET = "EleutherAI/hendrycks_math"
 HUB_CONFIGS = (
@@ -181,21 +181,7 @@ def all_boxed(text: str) -> list[str]:
 
     Unclosed and empty boxes are skipped. Nested boxes are listed too (outer first).
     """
-    out = []
-    for match in _BOX_RE.finditer(text or ""):
-        pos = match.end()
-        while pos < len(text) and text[pos] == " ":
-            pos += 1
-        if pos < len(text) and text[pos] == "{":
-            content = _balanced_group(text, pos)
-            content = content.strip() if content is not None else None
-        elif pos > match.end():
-            content = re.split(r"[$\n]", text[pos:], maxsplit=1)[0].strip()
-        else:
-            content = None
-        if content:
-            out.append(content)
-    return out
+    return [arg for arg in box_arguments(text) if arg]
 
 
 def problem_sha256(problem: str) -> str:

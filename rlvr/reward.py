@@ -1,7 +1,7 @@
 """Verifiable reward: pull the final answer out of a response and check it against the gold answer.
 
-`extract_boxed` is shared with data preparation so that gold answers and model answers are
-extracted by exactly the same rule.
+`box_arguments` / `extract_boxed` are shared with data preparation so that gold answers and model
+answers are extracted by exactly the same rule.
 """
 
 from __future__ import annotations
@@ -49,29 +49,46 @@ def _balanced_group(text: str, start: int) -> str | None:
     return None
 
 
+# After the command TeX skips spaces and at most one line end (a blank line ends the paragraph).
+_SKIP_RE = re.compile(r"[ \t]*(?:\n[ \t]*)?")
+# One TeX token that can be an argument: a control word (`\pi`), a control symbol (`\{`), or a
+# character other than those that end or cannot start one (`}`, `$`, `%`, `&`, `#`, `^`, `_`).
+_TOKEN_RE = re.compile(r"\\(?:[A-Za-z]+|.)|[^\s{}$%&#^_\\]", re.S)
+
+
+def _box_argument(text: str, pos: int) -> str | None:
+    """The argument of the box command whose name ends at `text[pos]`, as LaTeX reads it.
+
+    A brace group gives its content (stripped; `\\boxed{}` gives ""); anything else gives the
+    single next token, as in LaTeX: `\\boxed 5x` boxes `5`, `\\boxed \\pi r` boxes `\\pi`. None when
+    there is no argument: a group that is never closed, the end of the text or of the formula.
+    """
+    pos = _SKIP_RE.match(text, pos).end()
+    if text.startswith("{", pos):
+        content = _balanced_group(text, pos)
+        return None if content is None else content.strip()
+    token = _TOKEN_RE.match(text, pos)
+    return token[0] if token else None
+
+
+def box_arguments(text: str) -> list[str | None]:
+    """The argument of every `\\boxed` / `\\fbox` in `text`, in order (see `_box_argument`).
+
+    Nested boxes are each listed (outer first). The one parser of boxes: gold answers
+    (`rlvr.data`) and model answers are read by exactly this rule.
+    """
+    return [_box_argument(text, m.end()) for m in _BOX_RE.finditer(text or "")]
+
+
 def extract_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` / `\\fbox{...}` in `text`, or None if there is none.
 
     Braces are matched with nesting (`\\boxed{\\frac{\\sqrt{3}}{2}}` gives `\\frac{\\sqrt{3}}{2}`),
-    escaped braces are ignored, and the brace-less form `\\boxed 5` gives what follows up to the
-    next `$` or line end. A box that is never closed counts as no box.
+    escaped braces are ignored, and the brace-less form takes one token as LaTeX does
+    (`\\boxed 5` gives `5`). A box without an argument (never closed, say) counts as no box, so an
+    earlier complete one is taken.
     """
-    if not text:
-        return None
-    for match in reversed(list(_BOX_RE.finditer(text))):
-        pos = match.end()
-        while pos < len(text) and text[pos] == " ":
-            pos += 1
-        if pos < len(text) and text[pos] == "{":
-            content = _balanced_group(text, pos)
-            if content is not None:
-                return content.strip()
-            continue  # unclosed: fall back to an earlier, complete box
-        if pos > match.end():  # `\boxed 5` form
-            content = re.split(r"[$\n]", text[pos:], maxsplit=1)[0].strip()
-            if content:
-                return content
-    return None
+    return next((arg for arg in reversed(box_arguments(text)) if arg is not None), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,21 +190,21 @@ def _worker_main(conn: Connection, grade_fn: Callable[[str, str], float]) -> Non
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     for answer, gold in _WARMUP:
         grade_fn(answer, gold)
-    conn.send("ready")
-    while True:
-        try:
-            chunk = conn.recv()
-        except EOFError:  # parent is gone
-            return
-        if chunk is None:
-            return
-        for idx, answer, gold in chunk:
-            try:
-                score = float(grade_fn(answer, gold))
-            except Exception:
-                score = 0.0
-            # One message per sample, so the parent knows which sample a stuck worker is on.
-            conn.send((idx, score))
+    try:
+        conn.send("ready")
+        while (chunk := conn.recv()) is not None:
+            for idx, answer, gold in chunk:
+                try:
+                    score = float(grade_fn(answer, gold))
+                except Exception:
+                    score = 0.0
+                # One message per sample, so the parent knows which sample a stuck worker is on.
+                conn.send((idx, score))
+    except (EOFError, OSError):
+        # The parent is gone (killed, OOM, Ctrl-C): EOF, a reset or a broken pipe, depending on
+        # what was in flight. Nothing is waiting for us; exit without a traceback, which would
+        # only bury the parent's own last words in the log.
+        return
 
 
 @dataclass

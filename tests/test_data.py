@@ -206,6 +206,8 @@ def test_split_seed_independent():
 def test_all_boxed_and_levels():
     text = r"$\boxed{\frac{\sqrt{3}}{2}}$, $\boxed{\{1\}}$, \fbox{x} $\boxed 5$ \boxed{} \boxed{"
     assert all_boxed(text) == [r"\frac{\sqrt{3}}{2}", r"\{1\}", "x", "5"]
+    # one token without braces, as LaTeX and extract_boxed read it
+    assert all_boxed(r"$\boxed 5x$ and $\boxed \pi r$") == ["5", r"\pi"]
     assert [parse_level(v) for v in ("Level 3", "Level ?", 4, None)] == [3, None, 4, None]
 
 
@@ -321,6 +323,15 @@ def test_bad_input(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_help_explains_every_flag_with_its_default():
+    parser = data_prep.build_parser()
+    flags = [a for a in parser._actions if a.dest != "help"]
+    assert [a.dest for a in flags if not a.help] == []
+    text = " ".join(parser.format_help().split())
+    for default in ["None", "data/math_subset", "0.25", "42", "['train', 'test']"]:
+        assert f"(default: {default})" in text
 
 
 def test_bad_input_exit_code(tmp_path):

@@ -1,9 +1,20 @@
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from rlvr.reward import BatchGrader, GradeResult, extract_boxed, grade, grade_answer
+from rlvr.reward import (
+    BatchGrader,
+    GradeResult,
+    box_arguments,
+    extract_boxed,
+    grade,
+    grade_answer,
+)
 
 # --- extract_boxed ---------------------------------------------------------------------------
 
@@ -21,10 +32,24 @@ from rlvr.reward import BatchGrader, GradeResult, extract_boxed, grade, grade_an
         (r"\boxed{\}}", r"\}"),
         (r"\boxed{3} and an unclosed \boxed{4", "3"),
         (r"\boxedtext{9}", None),
+        # Without braces LaTeX boxes exactly one token, and so do we.
+        (r"$\boxed 5x$", "5"),
+        (r"$\boxed \pi r^2$", r"\pi"),
+        (r"$\boxed5$", "5"),
+        (r"$\boxed\frac12$", r"\frac"),
+        ("\\boxed\n  {7}", "7"),  # one line end is a space to TeX ...
+        ("\\boxed{3} \\boxed\n\n{7}", "3"),  # ... a blank line ends the paragraph
+        (r"\boxed{3} then $\boxed $", "3"),  # no argument: an earlier box counts
+        (r"\boxed{}", ""),
     ],
 )
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
+
+
+def test_box_arguments_lists_every_box_by_the_same_rule():
+    text = r"$\boxed 5x$, \fbox{\frac{1}{2}}, \boxed{\boxed{y}} \boxed{} \boxed{"
+    assert box_arguments(text) == ["5", r"\frac{1}{2}", r"\boxed{y}", "y", "", None]
 
 
 # --- grade -----------------------------------------------------------------------------------
@@ -156,3 +181,42 @@ def test_batch_grader_survives_a_worker_crash():
         result = grader.grade_batch(responses, golds)
         assert result.n_timeouts == 1
         assert result.scores == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+
+
+# --- workers when the parent dies ------------------------------------------------------------
+
+_DYING_PARENT = r"""
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from rlvr.reward import BatchGrader
+grader = BatchGrader(num_workers=1, timeout_s=60)
+if sys.argv[2] == "busy":  # workers mid-chunk, about to send results to a dead parent
+    grader.grade_batch([r"\boxed{1}"], ["1"])
+    work = ([rf"\boxed{{{i}^{{{i}}}+x}}" for i in range(4000)], ["2"] * 4000)
+    threading.Thread(target=grader.grade_batch, args=work, daemon=True).start()
+    time.sleep(1.0)
+# "starting": killed while the workers still import and warm up, before they report ready
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("when, sig", [("starting", signal.SIGTERM), ("busy", signal.SIGKILL)])
+def test_workers_exit_quietly_when_the_parent_is_killed(when, sig):
+    """A SIGKILL/SIGTERM/OOM kill of the run must not add worker tracebacks to its log."""
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_PARENT, repo, when], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, sig)  # the parent only, as the OOM killer does
+        # EOF once the parent and every worker (they share its stderr) have exited
+        err = proc.stderr.read()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its process group
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert "Traceback" not in err and "Error" not in err, err
