@@ -10,6 +10,7 @@ transformers builds a dense block-diagonal mask (exact, but N^2 memory: CPU/test
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -253,6 +254,9 @@ def _hidden_states(model, batch: dict) -> torch.Tensor:
         # No mask and no cache: transformers detects packing from the position ids restarting at
         # 0 and builds the block-diagonal causal mask itself (with a cache it would not).
         mask = None
+        if batch["input_ids"].is_cuda:
+            warnings.warn("packed batch without varlen attention: a dense [N, N] mask and no "
+                          "flash kernel (call enable_packed_attention(model))", stacklevel=3)
     return model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
 
