@@ -320,6 +320,22 @@ def load_checkpoint(path: Path, policy: torch.nn.Module,
     return state
 
 
+def _same_bf16_layout(path: Path, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint's weights file holds exactly these tensors' names, shapes and bf16
+    dtype (what the final model would write), so it can be linked instead."""
+    from safetensors import safe_open
+
+    if not path.exists() or any(t.is_floating_point() and t.dtype != torch.bfloat16
+                                for t in weights.values()):
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        if set(f.keys()) != set(weights):
+            return False
+        return all(f.get_slice(k).get_shape() == list(t.shape)
+                   and f.get_slice(k).get_dtype() == _ST_DTYPES[t.dtype]
+                   for k, t in weights.items())
+
+
 def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
                       checkpoint: Path | None = None) -> Path:
     """The trained policy in HF format (bf16, as released checkpoints are) to load anywhere.
@@ -329,10 +345,9 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
     policy, its weights file is hard-linked instead of written again.
     """
     weights, _ = _unique(policy.state_dict())
-    link = None
-    if checkpoint is not None and all(t.dtype == torch.bfloat16 for t in weights.values()
-                                      if t.is_floating_point()):
-        link = Path(checkpoint) / POLICY
+    link = Path(checkpoint) / POLICY if checkpoint is not None else None
+    if link is not None and not _same_bf16_layout(link, weights):
+        link = None
     need = _SMALL_FILES_BYTES + (0 if link else _nbytes(weights, torch.bfloat16))
 
     def write(tmp: Path) -> None:

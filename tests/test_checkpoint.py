@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_optimizers import CPU_OPTIONS, Net, fixed_grads, set_grads
+from test_optimizers import CPU_OPTIONS, WD, Net, fixed_grads, set_grads
 
 from rlvr import checkpoint as C
 from rlvr.checkpoint import (
@@ -49,7 +49,7 @@ def optimizer_tensors(opt) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", CPU_OPTIONS)
 def test_save_load_step_equals_an_uninterrupted_run(tmp_path, name):
-    lr, wd = 1e-3, 0.1
+    lr, wd = 1e-3, WD  # the quality test's wd: torchao compiles its step per float value
     torch.manual_seed(5)
     a = Net()
     opt_a = make_optimizer(a, lr, wd, name)
@@ -73,7 +73,7 @@ def test_save_load_step_equals_an_uninterrupted_run(tmp_path, name):
 @pytest.mark.parametrize("name", CPU_OPTIONS)
 def test_load_copies_into_the_preallocated_state(tmp_path, name):
     net = Net()
-    opt = make_optimizer(net, 1e-3, 0.0, name)
+    opt = make_optimizer(net, 1e-3, WD, name)
     steps(net, opt, 0, 1)
     ckpt = save_checkpoint(tmp_path, 1, net, opt, EXTRA)
     live = [t.data_ptr() for t in optimizer_tensors(opt)]
@@ -95,7 +95,7 @@ def test_only_the_latest_complete_checkpoint_is_kept(tmp_path):
 @pytest.mark.parametrize("name", CPU_OPTIONS)
 def test_disk_bytes_match_what_is_written(tmp_path, name):
     net = Net()
-    opt = make_optimizer(net, 1e-3, 0.0, name)
+    opt = make_optimizer(net, 1e-3, WD, name)
     ckpt = save_checkpoint(tmp_path, 1, net, opt, EXTRA)
     written = sum(f.stat().st_size for f in ckpt.iterdir())
     n = sum(p.numel() for p in net.parameters())
@@ -229,3 +229,15 @@ def test_checkpoints_of_the_previous_format_still_load(tmp_path):
     steps(a, opt_a, 1, 1)
     steps(b, opt_b, 1, 1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_final_model_links_only_a_checkpoint_with_the_same_bf16_tensors(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    policy, tok = tiny
+    fp32_ckpt = save_checkpoint(tmp_path, 1, policy, make_optimizer(policy, 1e-3, 0.0), EXTRA)
+    make_optimizer(policy, 1e-3, 0.0, "adamw_kahan")  # the policy is bf16 now, the checkpoint not
+    out = save_final_policy(tmp_path, policy, tok, checkpoint=fp32_ckpt)
+    assert os.stat(out / C.FINAL_WEIGHTS).st_ino != os.stat(fp32_ckpt / C.POLICY).st_ino
+    written = load_file(out / C.FINAL_WEIGHTS)
+    assert all(torch.equal(written[k], v) for k, v in C._unique(policy.state_dict())[0].items())
