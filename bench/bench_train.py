@@ -29,6 +29,7 @@ import gc
 import inspect
 import itertools
 import json
+import os
 import statistics
 import sys
 import threading
@@ -216,11 +217,10 @@ def time_row(policy, opt, batch: UpdateBatch, row: Row, reps: int, pad_id: int,
     return {"first_s": times[0], "update_s": statistics.median(times[1:]), "old_s": old_s}
 
 
-def run_shape(shape: str, args, peak: float, used: UsedMemory) -> dict:
-    texts = math_texts(args.data_dir)
-    model_dir = build_random_qwen(shape, Path(args.model_root) / shape, texts)
+def run_shape(shape: str, args, peak: float, used: UsedMemory, out: dict, save) -> None:
+    rows_in = load_subset(args.data_dir, "train")[:N_PROMPTS]  # fails fast without the data
+    model_dir = build_random_qwen(shape, Path(args.model_root) / shape, math_texts(args.data_dir))
     tok = load_tokenizer(str(model_dir))
-    rows_in = load_subset(args.data_dir, "train")[:N_PROMPTS]
     prompts = [p for r in rows_in for p in [encode_prompt(tok, r["problem"])] * N_SAMPLES]
     policy = load_policy(str(model_dir), torch.device("cuda"), gradient_checkpointing=False)
     attn = logprobs.enable_packed_attention(policy)
@@ -228,7 +228,7 @@ def run_shape(shape: str, args, peak: float, used: UsedMemory) -> dict:
     opt = make_optimizer(policy, 1e-6, 0.01)
     batches = {k: make_batch(prompts, k) for k in ("full", "mix")}
     rows = grid_rows(args) if args.grid else default_rows(shape)
-    out = {"shape": shape, "params": n_params, "packed_attention": attn, "rows": []}
+    out.update(shape=shape, params=n_params, packed_attention=attn, rows=[])
     print(f"\n{shape}: {n_params / 1e6:.0f} M params, packed attention {attn}, "
           f"{'native' if NATIVE_PACKED else 'patched-in'} packing", flush=True)
     print(HEADER, flush=True)
@@ -250,14 +250,16 @@ def run_shape(shape: str, args, peak: float, used: UsedMemory) -> dict:
                      mfu=6 * n_params * real / r["update_s"] / (peak * 1e12))
         except torch.OutOfMemoryError:
             r["oom"] = True
-            opt.zero_grad(set_to_none=True)
+        except Exception as e:  # e.g. a compile failure: record it, measure the other rows
+            r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        opt.zero_grad(set_to_none=True)
         r.update(alloc_gib=torch.cuda.max_memory_allocated() / 2**30, used_gib=used.peak / 2**30)
         out["rows"].append(r)
         print(fmt(shape, r), flush=True)
+        save()  # after every row: a time-out keeps what was measured
     del policy, opt
     gc.collect()
     torch.cuda.empty_cache()
-    return out
 
 
 HEADER = (f"{'shape':<5} {'len':<4} {'layout':<6} {'compile':<7} {'ckpt':>4} {'budget':>6} "
@@ -269,8 +271,8 @@ def fmt(shape: str, r: dict) -> str:
     head = (f"{shape:<5} {r['lengths']:<4} {r['layout']:<6} {r['compile']:<7} {r['ckpt']:>4} "
             f"{r['budget']:>6} {r['chunk']:>5} {r['pad_frac']:>5.0%} ")
     mem = f"{r['alloc_gib']:>6.1f} {r['used_gib']:>6.1f}"
-    if r.get("oom"):
-        return head + f"{'OOM':>8} {'':>7} {'':>7} {'':>6} {'':>6} " + mem
+    if r.get("oom") or r.get("error"):
+        return head + ("OOM" if r.get("oom") else f"error {r['error'][:60]}") + " " + mem
     old = f"{r['old_s']:>6.3f}" if r["old_s"] is not None else f"{'-':>6}"
     return head + (f"{r['update_s']:>8.3f} {r['first_s']:>7.1f} {r['tok_s']:>7.0f} "
                    f"{r['mfu']:>6.1%} {old} ") + mem
@@ -280,7 +282,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["0.5B", "3B"], choices=("0.5B", "1.5B", "3B"))
     ap.add_argument("--data_dir", default="data/math_subset")
-    ap.add_argument("--model_root", default="/tmp/rlvr_models")
+    ap.add_argument("--model_root", default=os.environ.get("RLVR_MODEL_ROOT", "/tmp/rlvr_models"))
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--grid", action="store_true",
                     help="the full product of the lists below instead of the default rows")
@@ -300,11 +302,14 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "peak_bf16_tflops": peak,
                "native_packed": NATIVE_PACKED, "shapes": []}
     print(f"{results['device']}, torch {torch.__version__}, bf16 peak {peak:.0f} TFLOP/s")
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+
     try:
         for shape in args.shapes:
-            results["shapes"].append(run_shape(shape, args, peak, used))
-            if args.out:  # written after every shape, so a time-out keeps what was measured
-                Path(args.out).write_text(json.dumps(results, indent=2))
+            results["shapes"].append({})
+            run_shape(shape, args, peak, used, results["shapes"][-1], save)
     finally:
         used.stop()
 
