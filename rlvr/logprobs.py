@@ -202,8 +202,9 @@ class _ChunkHead(torch.autograd.Function):
         else:
             grad_z = logp_all.exp_().mul_(-g_logp)
         grad_z.scatter_add_(-1, targets.unsqueeze(-1), g_logp)
-        if torch.is_autocast_enabled("cuda"):  # cast once for both matmuls, free the fp32 copy
-            grad_z = grad_z.to(torch.get_autocast_dtype("cuda"))
+        # the matmuls' dtype (autocast's, else the weights'), cast once for both; frees fp32
+        amp = torch.is_autocast_enabled("cuda")
+        grad_z = grad_z.to(torch.get_autocast_dtype("cuda") if amp else weight.dtype)
         scaled = hidden if ctx.inv_temp == 1.0 else hidden * ctx.inv_temp
         # matmuls under the forward's autocast (bf16 on GPU); results back to the masters' dtype
         grad_hidden = (grad_z @ weight).float().mul_(ctx.inv_temp).to(hidden.dtype)
