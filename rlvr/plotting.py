@@ -152,8 +152,8 @@ def plot_pass_at_k(runs: list[Run], path: Path, dpi: int) -> bool:
     if not any(len(d) > 1 for cs in curves.values() for d in cs.values()):
         return False
     fig, axes = _panels(len(models), "MATH eval pass@k: base model vs. final checkpoint of each "
-                        "objective\nerror bars: ±1 SE across seeds (one seed: pass@1 only, "
-                        "within-run)")
+                        "objective\nerror bars: ±1 SE across seeds (one seed: within-run, where "
+                        "logged)")
     for ax, model in zip(axes, models, strict=True):
         for name in colors:  # fixed order, so legends agree across panels
             if not (d := curves[model].get(name)):

@@ -332,8 +332,8 @@ def test_plots_from_real_training_runs(tmp_path: Path, tiny_model_dir, tiny_data
         cells = [results.fmt(Stat(p1[s], se[s], 1)) for s in sorted(p1)]
         assert [model, "1", *cells] in rows
         p2 = {e.step: e.value for e in acc.Scalars("eval/pass@2")}
-        assert [model, obj, "1 seed", "2", cells[-1], results.fmt(Stat(p2[2], math.nan, 1))] \
-            in rows
+        se2 = {e.step: e.value for e in acc.Scalars("eval/pass@2_se")}  # logged: shown
+        assert [model, obj, "1 seed", "2", cells[-1], results.fmt(Stat(p2[2], se2[2], 1))] in rows
 
 
 # ----------------------------------------------------------------------------- demo logs
