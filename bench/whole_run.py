@@ -142,6 +142,8 @@ def main() -> None:
         print(f"  {k:<30} {v:>10.2f}" if isinstance(v, float) else f"  {k:<30} {v!s:>10}")
     print(f"  {'flat after first eval':<30} {r['flat_after_first_eval']!s:>10}")
     print(f"  per-record process peak (GiB): {r['process_peak_series_gib']}")
+    for key in ("time/rollout_s", "time/train_s", "time/step_s"):
+        print(f"  {key} per step: {[round(ln[key], 2) for ln in lines if key in ln]}")
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2))
 

@@ -11,6 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,19 +110,19 @@ def update_policy(run: Run, batch: UpdateBatch) -> dict[str, float]:
     if needs_old_logprobs(batch, cfg.mini_batch, cfg.loss_agg):
         old_logp, _ = compute_old_logprobs(run.policy, batch, cfg.temperature,
                                            run.mem.micro_batch_tokens, pad, run.device,
-                                           with_entropy=False)
+                                           with_entropy=False, packed=run.mem.packed)
     ref_logp = None
     if run.ref_model is not None:
         ref_logp, _ = compute_old_logprobs(run.ref_model, batch, cfg.temperature,
                                            run.mem.micro_batch_tokens, pad, run.device,
-                                           with_entropy=False)
+                                           with_entropy=False, packed=run.mem.packed)
     upd = policy_update(run.policy, run.optimizer, batch, old_logp, temperature=cfg.temperature,
                         clip_range=cfg.clip_range, mini_batch_size=cfg.mini_batch,
                         max_grad_norm=cfg.max_grad_norm, pad_id=pad, device=run.device,
                         generator=run.gen, micro_batch_tokens=run.mem.micro_batch_tokens,
                         loss_agg=cfg.loss_agg, entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef,
                         ref_logp=ref_logp, rollout_is=cfg.rollout_is,
-                        rollout_is_cap=cfg.rollout_is_cap)
+                        rollout_is_cap=cfg.rollout_is_cap, packed=run.mem.packed)
     upd["separate_old_logprob_pass"] = float(old_logp is not None)
     return upd
 
@@ -264,11 +265,11 @@ class Eta:
                 + eval_s * self.remaining_evals(step)) / 60
 
 
-def checkpoint(run: Run, at_step: int) -> None:
+def checkpoint(run: Run, at_step: int) -> Path:
     try:
-        save_checkpoint(run.cfg.run_dir, at_step, run.policy, run.optimizer,
-                        {"sampler": run.sampler.state(), "generator": run.gen.get_state(),
-                         "eval_history": run.history})
+        return save_checkpoint(run.cfg.run_dir, at_step, run.policy, run.optimizer,
+                               {"sampler": run.sampler.state(), "generator": run.gen.get_state(),
+                                "eval_history": run.history})
     except (OSError, RuntimeError) as e:  # a full disk is named as such by save_checkpoint
         raise SystemExit(f"error: could not write the step-{at_step} checkpoint under "
                          f"{run.cfg.run_dir}: {str(e).splitlines()[0]}") from None
@@ -353,8 +354,12 @@ def run(cfg: Config) -> dict:
                 eta.evals.append(do_eval(r, logger, step))
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.n_train_steps:
                 checkpoint(r, step)
-        checkpoint(r, step)
-        save_final_policy(cfg.run_dir, r.policy, r.tokenizer)
+        last = checkpoint(r, step)
+        try:  # adamw_kahan: hard-links the checkpoint's bf16 weights
+            save_final_policy(cfg.run_dir, r.policy, r.tokenizer, checkpoint=last)
+        except OSError as e:  # a full disk is named as such (CheckpointError)
+            raise SystemExit(f"error: could not write the final model under {cfg.run_dir}: "
+                             f"{str(e).splitlines()[0]}") from None
     finally:
         r.grader.close()
         logger.close()

@@ -54,14 +54,16 @@ CUDA_CONTEXT_GIB = 0.6          # CUDA context + cuBLAS workspaces, seen by nvid
 FRAGMENTATION_SHARE = 0.05
 
 # --- choices ----------------------------------------------------------------------------------
-DEFAULT_MICRO_BATCH_TOKENS = 16384
+DEFAULT_MICRO_BATCH_TOKENS = 8192
+# vLLM sleeps during updates from this size on (see memory_search._first).
+SLEEP_MIN_PARAMS = 1_000_000_000
 MIN_MICRO_BATCH_TOKENS = 1024
 # Checkpointing off only when the no-checkpoint activations of a micro-batch are this small a
 # share of the budget: recompute costs ~1/3 more update compute, a small price above that.
 NO_CKPT_MAX_ACTIVATION_SHARE = 0.10
 # `optim="auto"`: exact first, then the leanest accurate ones by least slowdown (offload last:
 # it moves 12 B/param over PCIe every step).
-AUTO_OPTIM_ORDER = ("adamw", "adamw_kahan", "adamw_8bit", "adamw_offload")
+AUTO_OPTIM_ORDER = ("adamw", "adamw_kahan", "adamw_8bit", "adamw_offload", "adamw_kahan_offload")
 
 
 class PlanError(ValueError):
@@ -160,7 +162,7 @@ class Workload:
     # eval KV is sized for prompts of this length: vLLM queues what does not fit (slower only)
     typical_prompt_tokens: int = 150
     reference_model: bool = False     # a frozen bf16 copy of the initial policy (KL term)
-    logit_chunk_tokens: int = 2048    # rlvr/logprobs.py LOGIT_CHUNK_TOKENS
+    logit_chunk_tokens: int = 1024    # rlvr/logprobs.py LOGIT_CHUNK_TOKENS (a test checks)
 
     @property
     def max_model_len(self) -> int:
@@ -171,40 +173,15 @@ class Workload:
         return self.max_prompt_tokens + self.max_tokens
 
 
-@dataclass(frozen=True)
-class OptimSpec:
-    """Fallback of rlvr/optimizers.py's spec: bytes per parameter on the GPU (and the CPU)."""
-    param_dtype: str
-    grad_bytes: float
-    state_bytes: float
-    cpu_bytes: float
-    exact: bool
-    needs_cuda: bool
-
-
-# Used only while rlvr.optimizers cannot be imported; same names and numbers.
-FALLBACK_OPTIMIZERS: dict[str, OptimSpec] = {
-    "adamw": OptimSpec("float32", 4, 8, 0, exact=True, needs_cuda=False),
-    "adamw_kahan": OptimSpec("bfloat16", 2, 6, 0, exact=False, needs_cuda=False),  # m, v, kahan
-    "adamw_8bit": OptimSpec("float32", 4, 2.05, 0, exact=False, needs_cuda=True),
-    "adamw_offload": OptimSpec("float32", 4, 0, 12, exact=True, needs_cuda=False),
-}
-
-
 def default_optim_specs() -> dict:
-    try:
-        from rlvr.optimizers import OPTIMIZERS
-    except ImportError:
-        return FALLBACK_OPTIMIZERS
+    from rlvr.optimizers import OPTIMIZERS
+
     return OPTIMIZERS
 
 
 def param_bytes(spec) -> int:
-    """Bytes per master weight: a torch dtype (itemsize) or a dtype name."""
-    dtype = spec.param_dtype
-    if hasattr(dtype, "itemsize"):
-        return int(dtype.itemsize)
-    return 4 if "32" in str(dtype) else 2
+    """Bytes per weight the optimizer keeps the model in (fp32 masters or bf16)."""
+    return int(spec.param_dtype.itemsize)
 
 
 def policy_gib(shape: ModelShape, spec) -> dict[str, float]:
@@ -228,7 +205,7 @@ def logits_gib(shape: ModelShape, chunk_tokens: int) -> float:
 
 
 def train_tensors_gib(shape: ModelShape, spec, *, gradient_checkpointing: bool,
-                      micro_batch_tokens: int, logit_chunk_tokens: int = 2048) -> float:
+                      micro_batch_tokens: int, logit_chunk_tokens: int = 1024) -> float:
     """What torch.cuda.max_memory_allocated sees in a train step without vLLM (bench_train.py)."""
     return (sum(policy_gib(shape, spec).values()) + logits_gib(shape, logit_chunk_tokens)
             + activation_gib(shape, micro_batch_tokens, gradient_checkpointing))
@@ -320,7 +297,7 @@ def plan_memory(shape: ModelShape, workload: Workload, budget_gib: float, *, opt
     down to one longest sequence, a KV cache below the eval's need; then the next optimizer of
     AUTO_OPTIM_ORDER. Values given (True/False, "true"/"false", a name, a number) are kept.
     `gpu_mem_util` (expert override) gives vLLM that share of the budget instead of a sized KV
-    cache. `optim_specs` defaults to rlvr.optimizers.OPTIMIZERS (FALLBACK_OPTIMIZERS without it).
+    cache. `optim_specs` defaults to rlvr.optimizers.OPTIMIZERS.
     """
     from rlvr.memory_search import plan
 

@@ -19,6 +19,7 @@ from rlvr.memory import (
     KV_BLOCK_TOKENS,
     MIN_MICRO_BATCH_TOKENS,
     NO_CKPT_MAX_ACTIVATION_SHARE,
+    SLEEP_MIN_PARAMS,
     MemoryPlan,
     ModelShape,
     PlanError,
@@ -124,10 +125,13 @@ def _no_ckpt_small(req: _Request, mb: int) -> bool:
 
 
 def _first(req: _Request, optim: str) -> _Setting:
-    """As asked: vLLM awake, the default micro-batch, checkpointing by the activation share."""
+    """As asked, else: the default micro-batch, checkpointing by the activation share, and vLLM
+    asleep during updates from SLEEP_MIN_PARAMS up, where its weights and KV cache are GBs and a
+    sleep/wake (~0.1 s) is a few percent of a step."""
     mb = req.micro_batch_tokens or max(DEFAULT_MICRO_BATCH_TOKENS, _mb_floor(req.wl))
     ckpt = req.checkpointing if req.checkpointing is not None else not _no_ckpt_small(req, mb)
-    return _Setting(optim, ckpt, bool(req.sleep), mb)
+    sleep = req.sleep if req.sleep is not None else req.shape.n_params >= SLEEP_MIN_PARAMS
+    return _Setting(optim, ckpt, sleep, mb)
 
 
 def _train_relief(req: _Request, s: _Setting) -> _Setting | None:
@@ -270,6 +274,9 @@ def _sleep_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
         return f"vLLM sleep {'on' if on else 'off'} as given by --vllm_sleep"
     if not on:
         return "vLLM stays awake while the policy trains (no sleep/wake cost)"
+    if req.shape.n_params >= SLEEP_MIN_PARAMS:
+        return (f"vLLM sleeps (level 2) while the policy trains: a model of "
+                f">= {SLEEP_MIN_PARAMS / 1e9:g}B parameters (~0.1 s a step for GBs)")
     awake = _last(tried, best, lambda s: not s.sleep)
     return (f"vLLM sleeps (level 2) while the policy trains: awake, the train phase needs "
             f"{_train(awake):.1f} GiB")

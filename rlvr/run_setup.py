@@ -19,7 +19,7 @@ import torch
 
 from rlvr.config import RESUMABLE_FIELDS, Config
 from rlvr.data import DataError, load_subset, stratified_subset
-from rlvr.logprobs import LOGIT_CHUNK_TOKENS
+from rlvr.logprobs import LOGIT_CHUNK_TOKENS, enable_packed_attention
 from rlvr.memory import (
     KNOWN_SHAPES,
     MemoryPlan,
@@ -203,6 +203,8 @@ class Resolved:
     sleep: bool = False
     kv_cache_bytes: int | None = None
     plan: dict | None = field(default=None)
+    # micro-batches packed into one row (varlen attention, no padding): set by load_models
+    packed: bool = False
 
 
 def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Resolved:
@@ -261,10 +263,15 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
                                    betas=tuple(cfg.adam_betas))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    # padding-free micro-batches where torch's varlen flash attention runs (CUDA); elsewhere the
+    # padded layout, whose sdpa kernels need no N x N mask
+    mem.packed = device.type == "cuda" and enable_packed_attention(policy) == "varlen"
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = load_policy(model_dir, device, False, dtype=torch.bfloat16)
         ref_model.requires_grad_(False).eval()
+        if mem.packed:
+            enable_packed_attention(ref_model)
     eos_ids = eos_token_ids(policy, tokenizer)
     engine = build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids)
     if device.type == "cuda":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr.logprobs import autocast_ctx, collate, token_logprobs
+from rlvr.logprobs import autocast_ctx, collate, pack, token_budget_groups, token_logprobs
 from rlvr.objectives import (
     finish_mismatch_stats,
     minibatch_schedule,
@@ -39,10 +39,14 @@ class UpdateBatch:
 
 
 def micro_batches(idx: list[int], batch: UpdateBatch, max_tokens: int | None,
-                  max_samples: int | None = None) -> list[list[int]]:
+                  max_samples: int | None = None, packed: bool = False) -> list[list[int]]:
     """Split `idx` into forward/backward batches of at most `max_tokens` padded tokens (and
     `max_samples` samples), longest first, so samples of similar length share a batch and a too
-    large budget fails on the first micro-batch rather than halfway through the step."""
+    large budget fails on the first micro-batch rather than halfway through the step. `packed`
+    batches have no padding: the budget counts real tokens (logprobs.token_budget_groups)."""
+    if packed:
+        groups = token_budget_groups([batch.seq_len(i) for i in idx], max_tokens, max_samples)
+        return [[idx[j] for j in g] for g in groups]
     order = sorted(idx, key=batch.seq_len, reverse=True)
     out: list[list[int]] = []
     for i in order:
@@ -63,8 +67,8 @@ NO_GRAD_BATCH_FACTOR = 4
 
 @torch.no_grad()
 def compute_old_logprobs(model, batch: UpdateBatch, temperature: float, micro_batch_tokens: int,
-                         pad_id: int, device: torch.device, with_entropy: bool = True
-                         ) -> tuple[list[torch.Tensor], float]:
+                         pad_id: int, device: torch.device, with_entropy: bool = True,
+                         packed: bool = False) -> tuple[list[torch.Tensor], float]:
     """log pi of every sampled token under `model` (no grad), and the mean entropy.
 
     With `model` = the policy before the step's first update this is pi_old: a fixed reference
@@ -76,9 +80,8 @@ def compute_old_logprobs(model, batch: UpdateBatch, temperature: float, micro_ba
     old: list[torch.Tensor] = [torch.empty(0)] * len(batch.responses)
     ent_sum, n_tok = 0.0, 0
     for mb in micro_batches(list(range(len(batch.responses))), batch,
-                            micro_batch_tokens * NO_GRAD_BATCH_FACTOR):
-        b = collate([batch.prompts[i] for i in mb], [batch.responses[i] for i in mb], pad_id,
-                    device)
+                            micro_batch_tokens * NO_GRAD_BATCH_FACTOR, packed=packed):
+        b = _batch(batch, mb, pad_id, device, packed)
         with autocast_ctx(device):
             logp, ent = token_logprobs(model, b, temperature, with_entropy=with_entropy)
         if with_entropy:
@@ -95,6 +98,13 @@ def needs_old_logprobs(batch: UpdateBatch, mini_batch_size: int, loss_agg: str) 
     before the first one (see `objectives.minibatch_schedule` for what each update sees)."""
     n = int(batch.keep.sum()) if loss_agg == "paper" else len(batch.responses)
     return n > mini_batch_size
+
+
+def _batch(batch: UpdateBatch, idx: list[int], pad_id: int, device: torch.device,
+           packed: bool) -> dict:
+    prompts, responses = [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx]
+    return pack(prompts, responses, device) if packed else collate(prompts, responses, pad_id,
+                                                                   device)
 
 
 def _padded(rows: list[torch.Tensor | list[float]], like: torch.Tensor) -> torch.Tensor:
@@ -146,15 +156,17 @@ def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Ten
                   micro_batch_tokens: int | None = None, loss_agg: str = "paper",
                   entropy_coef: float = 0.0, kl_coef: float = 0.0,
                   ref_logp: list[torch.Tensor] | None = None, rollout_is: str = "none",
-                  rollout_is_cap: float = 2.0) -> dict[str, float]:
+                  rollout_is_cap: float = 2.0, packed: bool = False) -> dict[str, float]:
     """One pass over the step's samples, one optimizer step per mini-batch of the schedule.
 
     `old_logp` None takes pi_old from the update's own forward (detached), which is exact when the
     step has a single optimizer update: pi_old is then the very policy being differentiated, so
     the ratio is exactly 1 and no separate no-grad pass is needed. Micro-batches hold at most
     `micro_batch_tokens` padded tokens (and `micro_batch_size` samples) and accumulate gradients;
-    the schedule's normaliser makes them add up to the mini-batch loss. A mini-batch whose loss or
-    gradient is not finite skips optimizer.step().
+    the schedule's normaliser makes them add up to the mini-batch loss. With `packed` they carry
+    no padding (`logprobs.pack`) and the budget counts real tokens; on a GPU call
+    `logprobs.enable_packed_attention(model)` first. A mini-batch whose loss or gradient is not
+    finite skips optimizer.step().
     """
     B = len(batch.responses)
     order = torch.randperm(B, generator=generator).tolist() if mini_batch_size < B else list(
@@ -170,9 +182,9 @@ def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Ten
     for mini in schedule:
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
-        for micro in micro_batches(mini.indices, batch, micro_batch_tokens, micro_batch_size):
-            b = collate([batch.prompts[i] for i in micro], [batch.responses[i] for i in micro],
-                        pad_id, device)
+        for micro in micro_batches(mini.indices, batch, micro_batch_tokens, micro_batch_size,
+                                   packed=packed):
+            b = _batch(batch, micro, pad_id, device, packed)
             mask = b["response_mask"]
             with autocast_ctx(device):
                 logp, entropy = token_logprobs(model, b, temperature, with_entropy=True,

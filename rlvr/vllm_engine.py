@@ -100,7 +100,10 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
-        self.llm.reset_prefix_cache()
+        # KV blocks computed with the old weights must never serve the new policy. vLLM refuses
+        # (False) while any block is still held by a request; none should be after generate().
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         torch.cuda.synchronize()
         self.last_sync_s = time.perf_counter() - t0
 
