@@ -14,12 +14,11 @@ from rlvr.engines import CPU_GENERATION_BUDGET_BYTES, GenerationCost, HFEngine, 
 from rlvr.modeling import load_policy, load_tokenizer
 
 CPU = torch.device("cpu")
-GIB = 2**30
 
 # Runs in a child process, so that its peak RSS is its own: the default eval (1,250 problems x
 # eval_n 4) through one `generate` call of the tiny model, then one forced single chunk whose
 # measured peak is compared with the engine's estimate. Prompts of 16-128 tokens and 4-token
-# responses (real ones are longer) keep it fast; one unchunked call still needs ~2.5 GB.
+# responses (real ones are longer) keep it fast; one unchunked call still peaks at 2.2 GB.
 CHILD = r"""
 import json, re, resource, sys, torch
 repo, model_dir = sys.argv[1:3]
