@@ -2,9 +2,12 @@
 
 A checkpoint directory `checkpoints/step_<n>/` holds
 - `policy.safetensors`: the policy's weights in the dtype it trains in (fp32 masters, or bf16 for
-  adamw_kahan), HF key names, a tied weight stored once (its alias in the header's metadata);
+  adamw_kahan and adamw_kahan_offload), HF key names, a tied weight stored once (its alias in the
+  header's metadata);
 - `optimizer.safetensors` + `optimizer_meta.pt`: the optimizer's tensors, and the rest of its
-  state_dict (hyperparameters, structure) with each tensor replaced by its name in the file;
+  state_dict (hyperparameters, structure) with each tensor replaced by its name in the file (an
+  offload option's state is written from host RAM; on resume its host copies of the weights are
+  refreshed from the loaded model);
 - `state.pt`: step, RNG states, data position, written last: its presence marks a complete one.
 
 Tensors are streamed to disk one at a time (no host copy of the whole state, no pickling, no
@@ -80,8 +83,9 @@ def checkpoint_disk_bytes(n_params: int, optim_name: str) -> dict[str, int]:
     """Disk a run needs, in bytes, for `n_params` parameters (a tied weight counted once).
 
     checkpoint: one resumable checkpoint (weights in the training dtype + optimizer state).
-    final_model: the bf16 HF model. For adamw_kahan it is a hard link to the last checkpoint's
-    weights (when save_final_policy is given that checkpoint), so it adds nothing.
+    final_model: the bf16 HF model. For the bf16 options (adamw_kahan, adamw_kahan_offload) it is
+    a hard link to the last checkpoint's weights (when save_final_policy is given that
+    checkpoint), so it adds nothing.
     peak: at the end of a run (or any save): the previous checkpoint is removed only once the
     new one is complete, so two checkpoints and the final model exist for a moment.
     """

@@ -8,4 +8,5 @@ OBJECTIVES = ("NSR", "PSR", "W_REINFORCE", "REINFORCE", "GRPO")
 LOSS_AGGREGATIONS = ("paper", "batch_token_mean")
 ROLLOUT_IS_MODES = ("none", "tis", "mis")
 # rlvr/optimizers.py's OPTIMIZERS, plus "auto" (a test keeps the two in step)
-OPTIM_CHOICES = ("auto", "adamw", "adamw_kahan", "adamw_8bit", "adamw_offload")
+OPTIM_CHOICES = ("auto", "adamw", "adamw_kahan", "adamw_8bit", "adamw_offload",
+                 "adamw_kahan_offload")

@@ -66,8 +66,9 @@ class Config:
     rollout_is_cap: float = _opt(2.0, "cap of the importance-sampling weight (--rollout_is)")
     optim: str = _opt("auto", "optimizer: adamw (fp32 master weights, exact), adamw_kahan (bf16 "
                               "weights, Kahan-compensated), adamw_8bit (8-bit state), "
-                              "adamw_offload (state on the CPU); auto = exact where it fits the "
-                              "memory budget",
+                              "adamw_offload (state on the CPU), adamw_kahan_offload (bf16 "
+                              "weights on the GPU, Kahan state on the CPU); auto = exact where it "
+                              "fits the memory budget",
                       choices=OPTIM_CHOICES)
     # --- GPU memory (see rlvr/memory.py)
     gpu_memory_gb: float | None = _opt(None, "GPU memory budget in GiB (default: the whole card); "

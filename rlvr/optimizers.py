@@ -6,6 +6,10 @@
 | `adamw_kahan` | bf16 + bf16 Kahan compensation | bf16, GPU | optimi AdamW |
 | `adamw_8bit` | fp32 masters | 8-bit + block scales, GPU | torchao AdamW8bit |
 | `adamw_offload` | fp32 masters, grads on GPU | fp32, host RAM | torchao CPUOffloadOptimizer |
+| `adamw_kahan_offload` | bf16, grads on GPU | bf16 + Kahan comp., host RAM | torchao over optimi |
+
+An offload option steps the library optimizer of the option it offloads (`_OFFLOADED`) on host
+copies of the weights, one per large tensor, and copies the weights back after every step.
 
 Every option is AdamW with decoupled weight decay multiplied by the learning rate (torch's
 semantics), eps 1e-8, and its state allocated before the first step (see `allocate_state`).
@@ -15,6 +19,7 @@ is not offered because it fails that comparison (its rounding noise swamps lr-1e
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,7 +71,13 @@ OPTIMIZERS: dict[str, OptimSpec] = {
         torch.float32, 4, 0, 16, 8, exact=True, needs_cuda=True,
         summary="fp32 master weights and grads on the GPU, fp32 AdamW stepped in host RAM "
                 "(torchao CPUOffloadOptimizer)"),
+    "adamw_kahan_offload": OptimSpec(
+        torch.bfloat16, 2, 0, 10, 6, exact=False, needs_cuda=True,
+        summary="bf16 weights and grads on the GPU, Kahan-compensated bf16 AdamW stepped in host "
+                "RAM (torchao CPUOffloadOptimizer over optimi AdamW)"),
 }
+# offload option -> the option whose library optimizer it steps on the host
+_OFFLOADED = {"adamw_offload": "adamw", "adamw_kahan_offload": "adamw_kahan"}
 
 EPS = 1e-8
 
@@ -107,23 +118,29 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, name:
 def _build(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
            betas: tuple[float, float]) -> torch.optim.Optimizer:
     """The library optimizer, state not yet allocated."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=EPS,
-                                 fused=params[0].is_cuda)
-    if name == "adamw_kahan":
-        import optimi
-
-        # decouple_lr=False: optimi's "decoupled" decay multiplies by lr, exactly like torch's
-        # AdamW (decouple_lr=True would make it independent of lr); its eps default is 1e-6.
-        return optimi.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=EPS,
-                            decouple_lr=False, kahan_sum=True)
-    torchao_optim = _import_torchao_optim()
     if name == "adamw_8bit":
         # AdamW8bit decays as p -= lr * wd * p before the Adam step, as torch's AdamW does
-        return torchao_optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay,
-                                       eps=EPS, block_size=_BLOCK)
-    return _offload_class()(params, optimizer_class=torch.optim.AdamW, lr=lr, betas=betas,
-                            weight_decay=weight_decay, eps=EPS, fused=True)
+        return _import_torchao_optim().AdamW8bit(params, lr=lr, betas=betas,
+                                                 weight_decay=weight_decay, eps=EPS,
+                                                 block_size=_BLOCK)
+    if name in _OFFLOADED:  # fused: torch's AdamW has a fused kernel on the CPU too
+        cls, kwargs = _adamw(_OFFLOADED[name], lr, weight_decay, betas, fused=True)
+        return _offload_class()(params, optimizer_class=cls, **kwargs)
+    cls, kwargs = _adamw(name, lr, weight_decay, betas, fused=params[0].is_cuda)
+    return cls(params, **kwargs)
+
+
+def _adamw(name: str, lr: float, weight_decay: float, betas: tuple[float, float],
+           fused: bool) -> tuple[type, dict]:
+    """The AdamW class of `adamw` or `adamw_kahan` and its arguments."""
+    kwargs = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=EPS)
+    if name == "adamw":
+        return torch.optim.AdamW, {**kwargs, "fused": fused}
+    import optimi
+
+    # decouple_lr=False: optimi's "decoupled" decay multiplies by lr, exactly like torch's
+    # AdamW (decouple_lr=True would make it independent of lr); its eps default is 1e-6.
+    return optimi.AdamW, {**kwargs, "decouple_lr": False, "kahan_sum": True}
 
 
 def _import_torchao_optim():
@@ -139,17 +156,25 @@ def _import_torchao_optim():
     return torchao.optim
 
 
+@functools.cache
 def _offload_class() -> type:
-    from torchao.optim import CPUOffloadOptimizer
+    CPUOffloadOptimizer = _import_torchao_optim().CPUOffloadOptimizer
 
     class OffloadAdamW(CPUOffloadOptimizer):
-        """CPUOffloadOptimizer whose host gradients are the ones the step is taken with.
+        """CPUOffloadOptimizer whose host gradients are the ones the step is taken with; its
+        `optimizer_class` (torch's fused AdamW, or optimi's Kahan AdamW) steps each host tensor.
 
         The library copies a gradient to the host in a post-accumulate-grad hook, i.e. before
         clip_grad_norm_ scales it (the host would step with the unclipped gradient), and never for
         a gradient set without a backward. step() copies every gradient again, after clipping;
         the hook's copies become redundant, but overlap the backward.
         """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # the library copies the weights to the host (non_blocking) and does not wait for
+            # them: allocate_state's host step could otherwise read one before it has arrived
+            torch.cuda.current_stream().synchronize()
 
         @torch.no_grad()
         def step(self, closure=None):

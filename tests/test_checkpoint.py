@@ -120,6 +120,9 @@ def test_disk_bytes_per_parameter():
     assert per_param("adamw_kahan", "final_model") == 0  # a hard link to the checkpoint's weights
     assert per_param("adamw_8bit", "checkpoint") == pytest.approx(6.03125)
     assert checkpoint_disk_bytes(n, "adamw_offload") == checkpoint_disk_bytes(n, "adamw")
+    # the same state, kept in host RAM (tests/test_gpu_optim.py compares with what is written)
+    assert checkpoint_disk_bytes(n, "adamw_kahan_offload") == checkpoint_disk_bytes(
+        n, "adamw_kahan")
     assert checkpoint_disk_bytes(n, "adamw")["peak"] == 2 * (12 * n + small) + 2 * n + small
 
 

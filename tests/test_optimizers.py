@@ -62,10 +62,16 @@ def set_grads(net: torch.nn.Module, grads: list[torch.Tensor]) -> None:
 
 
 def high_precision(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
-    """The weight the optimizer holds: for Kahan, the bf16 weight plus its compensation."""
-    state = getattr(opt, "state", {})  # (the offload wrapper has none of its own)
-    comp = state[p].get("kahan_comp") if p in state else None
-    return p.detach().float() + (comp.float() if torch.is_tensor(comp) else 0.0)
+    """The weight the optimizer holds: for Kahan, the bf16 weight plus its compensation (for the
+    offload, that of the host copy, or of the GPU optimizer of the tensors too small to offload)."""
+    host = getattr(opt, "param_d2h_map", {}).get(p)
+    if host is not None:
+        inner, key = opt.optim_dict[p], host
+    else:
+        inner, key = getattr(opt, "d_opt", opt), p
+    state = getattr(inner, "state", {})
+    comp = state[key].get("kahan_comp") if key in state else None
+    return p.detach().float() + (comp.float().to(p.device) if torch.is_tensor(comp) else 0.0)
 
 
 def run_updates(make, dtype: torch.dtype, steps: int, device: str = "cpu"):
@@ -174,9 +180,13 @@ def test_torchao_bf16_stochastic_rounding_fails_and_is_not_offered():
 
 
 def test_specs_and_names():
-    assert list(OPTIMIZERS) == ["adamw", "adamw_kahan", "adamw_8bit", "adamw_offload"]
+    assert list(OPTIMIZERS) == ["adamw", "adamw_kahan", "adamw_8bit", "adamw_offload",
+                                "adamw_kahan_offload"]
     assert param_dtype_for("adamw") == torch.float32
     assert param_dtype_for("adamw_kahan") == torch.bfloat16
+    ko = OPTIMIZERS["adamw_kahan_offload"]
+    assert (ko.param_dtype, ko.grad_bytes, ko.state_bytes, ko.cpu_bytes, ko.saved_state_bytes,
+            ko.exact, ko.needs_cuda) == (torch.bfloat16, 2, 0, 10, 6, False, True)
     for spec in OPTIMIZERS.values():
         assert spec.grad_bytes == spec.param_bytes  # gradients take the weights' dtype
         assert spec.summary and "\n" not in spec.summary
@@ -184,10 +194,34 @@ def test_specs_and_names():
         param_dtype_for("sgd")
 
 
-def test_offload_needs_a_cuda_gpu():
+@pytest.mark.parametrize("name", ["adamw_offload", "adamw_kahan_offload"])
+def test_an_offload_option_is_its_inner_option_stepped_in_host_ram(name):
+    """GPU: the weights and grads, no state. Host: a copy of each weight and grad, and the inner
+    option's state; a checkpoint writes that state. adamw_kahan_offload: 2 + 2 on the GPU, 2 + 2
+    + 6 (m, v, Kahan compensation, all bf16) = 10 in host RAM, 2 + 6 = 8 on disk (as adamw_kahan).
+    tests/test_gpu_optim.py counts these on the GPU."""
+    spec, inner = OPTIMIZERS[name], OPTIMIZERS[O._OFFLOADED[name]]
+    assert (spec.param_dtype, spec.grad_bytes, spec.exact) == (
+        inner.param_dtype, inner.grad_bytes, inner.exact)
+    assert spec.state_bytes == 0 and spec.needs_cuda
+    assert spec.saved_state_bytes == inner.saved_state_bytes == inner.state_bytes
+    assert spec.cpu_bytes == spec.param_bytes + spec.grad_bytes + inner.state_bytes
+
+
+def test_choice_lists_follow_the_optimizers():
+    from rlvr.choices import OPTIM_CHOICES
+    from rlvr.memory import AUTO_OPTIM_ORDER
+
+    assert OPTIM_CHOICES == ("auto", *OPTIMIZERS)
+    assert sorted(AUTO_OPTIM_ORDER) == sorted(OPTIMIZERS)
+    assert AUTO_OPTIM_ORDER[0] == "adamw" and AUTO_OPTIM_ORDER[-1] == "adamw_kahan_offload"
+
+
+@pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if s.needs_cuda])
+def test_offload_needs_a_cuda_gpu(name):
     with pytest.raises(ValueError, match="needs a CUDA GPU") as e:
-        make_optimizer(Net(), LR, WD, "adamw_offload")
-    assert "\n" not in str(e.value)
+        make_optimizer(Net(), LR, WD, name)
+    assert "\n" not in str(e.value) and name in str(e.value)
 
 
 def test_make_optimizer_casts_in_place_and_keeps_tied_weights_tied():
