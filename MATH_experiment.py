@@ -12,7 +12,11 @@ import sys
 if __name__ == "__main__":
     # Imported here, not at the top: the grader's spawned workers re-import this file as
     # __mp_main__, and should not pay for torch and transformers. The flags are checked before
-    # torch is imported at all, so a bad one is a one-line error at once.
+    # torch is imported at all, so a bad one is a one-line error at once. Third-party progress
+    # bars and known-harmless warnings are switched off before those libraries read their settings.
+    from rlvr.console import quiet_third_party
+
+    quiet_third_party()
     from rlvr.config import parse_config
 
     cfg = parse_config()

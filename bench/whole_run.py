@@ -65,8 +65,9 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
         "final_save_s": save_s, "eval_s": eval_s, **med,
         "process_peak_gib": max(proc) if proc else None,
         "process_peak_series_gib": [round(p, 2) for p in proc],
-        # flat: the peak after the first eval is not above the peak up to it (+1%)
-        "flat_after_first_eval": (max(after) <= 1.01 * max(proc[:first_eval_after + 1])
+        # flat: the peak after the first eval is not above the peak up to it (+3%: the rollout's
+        # and update's allocations vary a little with the batch)
+        "flat_after_first_eval": (max(after) <= 1.03 * max(proc[:first_eval_after + 1])
                                   if after and proc else None),
         "projected_80_steps_9_evals_s": 80 * med["time_step_s"] + 9 * eval_s + startup_s + save_s,
     }

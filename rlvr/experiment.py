@@ -149,10 +149,12 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                         [c.token_ids for c in comps], adv, keep,
                         logps if all(lp is not None for lp in logps) else None)
     # 4. update
+    sample_memory(run)  # the rollout's high-water mark, before its blocks are handed back
     run.engine.sleep()
     if run.device.type == "cuda":
         torch.cuda.empty_cache()  # the rollout's cached blocks must not sit between activations
     upd = update_policy(run, batch)
+    sample_memory(run)
     t["train"] = time.perf_counter()
     # 5. sync weights into the rollout engine
     run.engine.sync_weights(run.policy)
@@ -188,6 +190,11 @@ def step_metrics(run: Run, comps, correct, keep, graded, upd: dict, t: dict) -> 
         **memory_metrics(run.device, run.mem_sampler,
                          (run.mem.plan or {}).get("planned_peak_gib")),
     }
+
+
+def sample_memory(run: Run) -> None:
+    if run.mem_sampler is not None:
+        run.mem_sampler.sample()
 
 
 def memory_metrics(device: torch.device, sampler: ProcessMemorySampler | None,
@@ -228,6 +235,7 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
     # under their own names: the step with the same number logs its own mem/ figures
     metrics.update({k.replace("mem/", "mem/eval_"): v
                     for k, v in memory_metrics(run.device, run.mem_sampler).items()})
+    sample_memory(run)
     if run.device.type == "cuda":
         # the sampler's large eval batches leave blocks in torch's cache that the next update
         # cannot reuse (the step-11 OOM of issue 8 came right after an eval)
@@ -302,8 +310,13 @@ def eval_problems(rows: list[dict], tokenizer, cfg: Config) -> list[EvalProblem]
 
 
 def build(cfg: Config) -> Run:
+    from rlvr.modeling import ModelSourceError, check_model_source
     from rlvr.run_setup import load_models
 
+    try:  # seconds, before the data, the memory plan and any weights
+        check_model_source(cfg.model_id)
+    except ModelSourceError as e:
+        raise SystemExit(f"error: --model_id: {e}") from None
     train_rows, test_rows = load_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_rows = select_eval_rows(test_rows, cfg.eval_limit)
@@ -363,8 +376,6 @@ def run(cfg: Config) -> dict:
     finally:
         r.grader.close()
         logger.close()
-        if r.mem_sampler is not None:
-            r.mem_sampler.close()
     print(f"\n{cfg.run_name}: eval summary\n{format_eval_table(r.history)}", flush=True)
     return {"history": r.history, "run_dir": str(cfg.run_dir)}
 

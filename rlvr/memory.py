@@ -340,7 +340,7 @@ def _format_table(p: MemoryPlan) -> str:
                  + (f", optimizer state in host memory {p.cpu_gib:.1f} GiB" if p.cpu_gib else ""))
     kv = (f"KV {p.kv_cache_bytes / GIB:.2f} GiB" if p.kv_cache_bytes is not None
           else f"vLLM share {p.vllm_share_gib:.1f} GiB")
-    lines.append(f"{p.optim} ({'exact' if p.optim_exact else 'not bit-exact'}) | checkpointing "
+    lines.append(f"{p.optim} ({'exact' if p.optim_exact else 'not exact'}) | ckpt "
                  f"{'on' if p.gradient_checkpointing else 'off'} | vLLM sleep "
                  f"{'on' if p.sleep else 'off'} | micro-batch {p.micro_batch_tokens:,} | {kv}")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ import platform
 import re
 import subprocess
 import sys
-import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -101,53 +100,43 @@ class RunLogger:
 
 class ProcessMemorySampler:
     """This process's GPU memory as the driver counts it (nvidia-smi's per-process figure), the
-    peak between two `take_peak_gib` calls, sampled by a background thread every `every_s`.
+    peak over the `sample()` calls since the last `take_peak_gib()`.
 
     torch's own counters miss what vLLM and the CUDA context hold outside torch's allocator, and
     a card shared by several runs makes the device-wide figure useless, so this is the number
-    that says whether a run fits its budget. Inactive (peak None) without NVML or CUDA.
+    that says whether a run fits its budget. It is sampled where the peak is, not on a timer:
+    torch's caching allocator keeps a phase's blocks reserved until `empty_cache`, so the driver's
+    count just before each `empty_cache` (after the rollout, after the update, after an eval) is
+    that phase's high-water mark. (A 10 Hz polling thread made rollouts 20-80% slower and erratic
+    on an H100: NVML queries contend with the decode loop's kernel launches.) Inactive (None)
+    without NVML or CUDA.
     """
 
-    def __init__(self, every_s: float = 0.1):
+    def __init__(self):
         self._peak = 0
         self._handle = None
         try:
             import pynvml  # nvidia-ml-py: installed with vllm and on the GPU image
 
             pynvml.nvmlInit()
-            index = torch.cuda.current_device() if torch.cuda.is_available() else None
-            if index is not None:
+            if torch.cuda.is_available():
                 self._nvml = pynvml
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
         except Exception:  # no NVML, no GPU: nothing to sample
             self._handle = None
-        if self._handle is not None:
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True,
-                                            name="rlvr-gpu-memory")
-            self._thread.start()
 
-    def _used(self) -> int:
+    def sample(self) -> None:
+        if self._handle is None:
+            return
         pid = os.getpid()
         for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
             if proc.pid == pid:
-                return proc.usedGpuMemory or 0
-        return 0
-
-    def _run(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            try:
-                self._peak = max(self._peak, self._used())
-            except Exception:
-                return
+                self._peak = max(self._peak, proc.usedGpuMemory or 0)
 
     def take_peak_gib(self) -> float | None:
         """The peak since the last call (and restart the count)."""
         if self._handle is None:
             return None
-        peak, self._peak = max(self._peak, self._used()), 0
+        self.sample()
+        peak, self._peak = self._peak, 0
         return peak / 2**30
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._stop.set()

@@ -228,9 +228,9 @@ def test_forced_options_that_block_the_fit_are_named():
 
 
 def test_shorter_responses_are_offered_when_no_option_helps():
-    # 0.5B with 2,048-token responses on 9.3 GiB: the leanest plan needs 9.4 GiB
-    with pytest.raises(PlanError, match="it fits 9.3 GiB with --max_tokens 1024$"):
-        plan(S05, 9.3, Workload(max_tokens=2048, eval_max_tokens=2048))
+    # 0.5B with 2,048-token responses on 6.5 GiB: even its leanest plan does not fit
+    with pytest.raises(PlanError, match="it fits 6.5 GiB with --max_tokens 1024$"):
+        plan(S05, 6.5, Workload(max_tokens=2048, eval_max_tokens=2048))
 
 
 def test_bad_inputs_are_plan_errors():
