@@ -17,6 +17,7 @@ from rlvr.memory import (
     FRAGMENTATION_SHARE,
     GIB,
     KV_BLOCK_TOKENS,
+    MIN_HEADROOM_SHARE,
     MIN_MICRO_BATCH_TOKENS,
     NO_CKPT_MAX_ACTIVATION_SHARE,
     SLEEP_MIN_PARAMS,
@@ -30,6 +31,7 @@ from rlvr.memory import (
     logits_gib,
     policy_gib,
     vllm_overhead_gib,
+    vllm_startup_gib,
 )
 
 
@@ -45,6 +47,11 @@ class _Request:
     sleep: bool | None
     micro_batch_tokens: int | None
     gpu_mem_util: float | None
+
+    @property
+    def limit(self) -> float:
+        """What a plan may fill: the budget less the headroom every plan keeps free."""
+        return self.budget * (1 - MIN_HEADROOM_SHARE)
 
 
 @dataclass(frozen=True)
@@ -93,13 +100,15 @@ def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, di
     logits = logits_gib(shape, wl.logit_chunk_tokens)
     frag = FRAGMENTATION_SHARE * (pol["grads"] + pol["autocast"] + act + logits)
     awake = 0.0 if s.sleep else 1.0
+    # the rollout column also covers vLLM's start-up, when its profiling activations are alive
     rollout = {"weights": pol["weights"], "grads": 0.0, "optimizer": pol["optimizer"],
                "autocast": 0.0, "activations": 0.0, "logits": 0.0, "reference": ref,
                "vllm_weights": vw, "kv_cache": kv, "vllm_overhead": ov,
-               "context": CUDA_CONTEXT_GIB, "fragmentation": 0.0}
+               "vllm_startup": vllm_startup_gib(shape), "context": CUDA_CONTEXT_GIB,
+               "fragmentation": 0.0}
     train = {**pol, "activations": act, "logits": logits, "reference": ref,
              "vllm_weights": vw * awake, "kv_cache": kv * awake, "vllm_overhead": ov,
-             "context": CUDA_CONTEXT_GIB, "fragmentation": frag}
+             "vllm_startup": 0.0, "context": CUDA_CONTEXT_GIB, "fragmentation": frag}
     return rollout, train
 
 
@@ -111,9 +120,9 @@ def _evaluate(req: _Request, s: _Setting) -> _Eval:
         return _Eval(s, wanted, *_phases(req, s, wanted))
     # the KV cache takes what the budget leaves in the phases that hold it, within [floor, wanted]
     rollout, train = _phases(req, s, 0)
-    room = req.budget - sum(rollout.values())
+    room = req.limit - sum(rollout.values())
     if not s.sleep:
-        room = min(room, req.budget - sum(train.values()))
+        room = min(room, req.limit - sum(train.values()))
     tokens = int(room * GIB // req.shape.kv_bytes_per_token) // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
     tokens = min(max(tokens, kv_tokens_floor(req.wl)), wanted)
     return _Eval(s, tokens, *_phases(req, s, tokens))
@@ -165,9 +174,9 @@ def _search_optim(req: _Request, optim: str, tried: list[_Eval]) -> _Eval | None
     s = _first(req, optim)
     while True:
         tried.append(e := _evaluate(req, s))
-        if e.peak <= req.budget:
+        if e.peak <= req.limit:
             return e
-        nxt = _train_relief(req, s) if sum(e.train.values()) > req.budget else None
+        nxt = _train_relief(req, s) if sum(e.train.values()) > req.limit else None
         if nxt is None and not s.shrink_kv and req.gpu_mem_util is None:
             nxt = replace(s, shrink_kv=True)
         if nxt is None:
@@ -380,7 +389,7 @@ def _fix(req: _Request) -> str | None:
 
 def _refusal(req: _Request) -> str:
     leanest = min((_leanest(req, o) for o in _optim_order(req)), key=lambda e: e.peak)
-    need = math.ceil(leanest.peak * 10) / 10
+    need = math.ceil(leanest.peak / (1 - MIN_HEADROOM_SHARE) * 10) / 10
     given = [_flag(n, getattr(req, n)) for n in _FLAGS if getattr(req, n) is not None]
     head = (f"the run needs >= {need:.1f} GiB of GPU memory"
             f"{' with ' + ', '.join(given) if given else ''}, the budget is {req.budget:.1f} GiB")
