@@ -305,4 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from rlvr.console import quiet_third_party
+
+    quiet_third_party()  # before transformers and vLLM read their settings (child processes too)
     sys.exit(main())

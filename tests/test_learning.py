@@ -102,7 +102,7 @@ def test_optimizer_state_is_allocated_up_front_and_the_first_step_is_a_true_firs
     fresh = load_policy(str(tiny_model_dir), CPU, gradient_checkpointing=False)
     pre = load_policy(str(tiny_model_dir), CPU, gradient_checkpointing=False)
     before = [p.detach().clone() for p in pre.parameters()]
-    opt_pre = make_optimizer(pre, lr=1e-2, weight_decay=0.1)
+    opt_pre = make_optimizer(pre, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
     # allocated, zero, step 0 -- and the weights did not move
     for p, b in zip(pre.parameters(), before):
         st = opt_pre.state[p]
