@@ -33,6 +33,7 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 import torch  # noqa: E402
 
 from bench.models import build_random_qwen, math_texts  # noqa: E402
+from bench.timing import measured_bf16_peak_tflops, now  # noqa: E402
 from rlvr.config import parse_config  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
@@ -40,24 +41,6 @@ from rlvr.run_setup import encode_problems, load_models, resolve_memory  # noqa:
 from rlvr.training import UpdateBatch, policy_update  # noqa: E402
 
 N_PROMPTS, N_SAMPLES, GEN_LEN = 32, 2, 512
-
-
-def now() -> float:
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def measured_bf16_peak_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    t0 = now()
-    for _ in range(10):
-        a @ b
-    dt = (now() - t0) / 10
-    del a, b
-    return 2 * 8192**3 / dt / 1e12
 
 
 def bench_rollout(engine, prompts: list[list[int]], reps: int) -> dict:

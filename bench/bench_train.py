@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.models import build_random_qwen, math_texts  # noqa: E402
-from rlvr import logprobs, training  # noqa: E402
+from bench.timing import measured_bf16_peak_tflops, now  # noqa: E402
+from rlvr import attention, logprobs, training  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
 from rlvr.modeling import load_policy, load_tokenizer  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
@@ -99,23 +100,6 @@ def default_rows(shape: str) -> list[Row]:
 def grid_rows(args) -> list[Row]:
     return [Row(*r) for r in itertools.product(args.lengths, args.layouts, args.compile,
                                                args.ckpt, args.budgets, args.chunks)]
-
-
-def now() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def bf16_peak_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    t0 = now()
-    for _ in range(10):
-        a @ b
-    return 2 * 8192**3 / ((now() - t0) / 10) / 1e12
 
 
 class UsedMemory:
@@ -193,7 +177,7 @@ def configure(policy, row: Row) -> None:
     else:
         policy.gradient_checkpointing_disable()
     logprobs.use_logit_head({"ref": "autograd", "eager": "fused"}.get(row.compile, "compiled"))
-    logprobs.compile_decoder_layers(policy, row.compile == "all")
+    attention.compile_decoder_layers(policy, row.compile == "all")
     logprobs.LOGIT_CHUNK_TOKENS = row.chunk
 
 
@@ -223,7 +207,7 @@ def run_shape(shape: str, args, peak: float, used: UsedMemory, out: dict, save) 
     tok = load_tokenizer(str(model_dir))
     prompts = [p for r in rows_in for p in [encode_prompt(tok, r["problem"])] * N_SAMPLES]
     policy = load_policy(str(model_dir), torch.device("cuda"), gradient_checkpointing=False)
-    attn = logprobs.enable_packed_attention(policy)
+    attn = attention.enable_packed_attention(policy)
     n_params = sum(p.numel() for p in policy.parameters())
     opt = make_optimizer(policy, 1e-6, 0.01)
     batches = {k: make_batch(prompts, k) for k in ("full", "mix")}
@@ -296,7 +280,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    peak = bf16_peak_tflops()
+    peak = measured_bf16_peak_tflops()
     used = UsedMemory()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "peak_bf16_tflops": peak,

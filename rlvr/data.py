@@ -161,6 +161,12 @@ def load_subset(data_dir: str, split: str) -> list[dict]:
         raise DataError(
             f"no MATH subset at {path}: run `python data_prep.py` first (or pass --data_dir)"
         )
+    return read_json_lines(path)
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file (blank lines skipped); a bad line is a DataError naming
+    the file and line."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

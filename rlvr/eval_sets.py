@@ -11,12 +11,18 @@ EVAL_SETS.md there), or the hub through the optional `datasets` package.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlvr.data import DataError, load_math, load_overrides, prepare_split, stratified_subset
+from rlvr.data import (
+    DataError,
+    load_math,
+    load_overrides,
+    prepare_split,
+    read_json_lines,
+    stratified_subset,
+)
 
 
 @dataclass(frozen=True)
@@ -58,14 +64,7 @@ def _hub_rows(spec: EvalSet) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    rows = read_json_lines(path)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

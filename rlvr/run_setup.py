@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlvr.attention import enable_packed_attention
 from rlvr.config import RESUMABLE_FIELDS, Config
 from rlvr.data import DataError, load_subset, stratified_subset
-from rlvr.logprobs import LOGIT_CHUNK_TOKENS, enable_packed_attention
+from rlvr.logprobs import LOGIT_CHUNK_TOKENS
 from rlvr.memory import (
     KNOWN_SHAPES,
     MemoryPlan,

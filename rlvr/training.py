@@ -165,7 +165,7 @@ def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Ten
     `micro_batch_tokens` padded tokens (and `micro_batch_size` samples) and accumulate gradients;
     the schedule's normaliser makes them add up to the mini-batch loss. With `packed` they carry
     no padding (`logprobs.pack`) and the budget counts real tokens; on a GPU call
-    `logprobs.enable_packed_attention(model)` first. A mini-batch whose loss or gradient is not
+    `attention.enable_packed_attention(model)` first. A mini-batch whose loss or gradient is not
     finite skips optimizer.step().
     """
     B = len(batch.responses)

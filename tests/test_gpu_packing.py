@@ -22,12 +22,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.models import build_random_qwen, math_texts  # noqa: E402
+from rlvr.attention import compile_decoder_layers, enable_packed_attention  # noqa: E402
 from rlvr.logprobs import (  # noqa: E402
     autocast_ctx,
     collate,
-    compile_decoder_layers,
     compile_logit_head,
-    enable_packed_attention,
     pack,
     token_logprobs,
     use_logit_head,

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rlvr import logprobs
+from rlvr import attention, logprobs
+from rlvr.attention import enable_packed_attention
 from rlvr.logprobs import (
     collate,
-    enable_packed_attention,
     pack,
     token_budget_groups,
     token_logprobs,
@@ -238,8 +238,8 @@ def test_varlen_attention_path_equals_padded_with_checkpointing(tiny_model_dir, 
 
     calls = []
     fake = _fake_varlen(api, calls)
-    monkeypatch.setattr(logprobs, "_VARLEN", fake)
-    monkeypatch.setattr(logprobs, "_VARLEN_PARAMS", frozenset(inspect.signature(fake).parameters))
+    monkeypatch.setattr(attention, "_VARLEN", fake)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", frozenset(inspect.signature(fake).parameters))
     model = load_policy(str(tiny_model_dir), CPU, gradient_checkpointing=True)
     model.train()
     prompts, responses = UNEVEN
