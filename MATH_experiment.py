@@ -16,7 +16,7 @@ if __name__ == "__main__":
     # bars and known-harmless warnings are switched off before those libraries read their settings.
     from rlvr.console import quiet_third_party
 
-    quiet_third_party()
+    quiet_third_party(debug="--debug" in sys.argv[1:])
     from rlvr.config import parse_config
 
     cfg = parse_config()

@@ -168,6 +168,7 @@ def test_bad_model_id_is_a_one_line_error_and_writes_nothing(tmp_path, tiny_data
     proc = run_cli("--backend", "hf", "--model_id", str(tmp_path / "no_such_model"),
                    "--data_dir", str(tiny_data_dir), "--output_dir", str(tmp_path / "runs"))
     assert proc.returncode != 0
-    assert proc.stderr.startswith("error: cannot load --model_id")
+    assert proc.stderr.startswith("error: --model_id: model path ")
+    assert "does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
