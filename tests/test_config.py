@@ -113,3 +113,16 @@ def test_resume_applies_resumable_flags_and_refuses_the_others(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: --resume") and "--lr 2e-06 -> 1e-05" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_eta_counts_the_evals_still_to_come_at_their_measured_time():
+    from rlvr.experiment import Eta
+
+    eta = Eta(resolve({"n_train_steps": 80, "eval_every": 10}), step=0)
+    eta.steps, eta.evals = [2.0, 2.0], [10.0]  # two steps, the step-0 eval
+    # after step 5: 75 steps x 2 s + evals at 10, 20, ..., 80 (8) x 10 s
+    assert eta.remaining_evals(5) == 8
+    assert eta.minutes(5) == pytest.approx((75 * 2.0 + 8 * 10.0) / 60)
+    # the last step is always evaluated, on the cadence or not
+    eta = Eta(resolve({"n_train_steps": 25, "eval_every": 10}), step=0)
+    assert eta.remaining_evals(20) == 1 and eta.remaining_evals(19) == 2

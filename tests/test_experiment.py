@@ -172,3 +172,21 @@ def test_bad_model_id_is_a_one_line_error_and_writes_nothing(tmp_path, tiny_data
     assert "does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_kl_entropy_truncated_is_and_two_updates_run_end_to_end(tmp_path, tiny_model_dir,
+                                                                 tiny_data_dir):
+    """The paths the defaults leave off: a frozen reference policy (KL), the entropy bonus, IS
+    weights from the engine's own log-probs, and two mini-batches (a separate pi_old pass)."""
+    args = [*base_args(tiny_model_dir, tiny_data_dir, tmp_path), "--n_train_steps", "1",
+            "--save_every", "0", "--eval_limit", "2", "--eval_n", "1", "--kl_coef", "0.01",
+            "--entropy_coef", "0.01", "--rollout_is", "tis", "--mini_batch_size", "4",
+            "--loss_agg", "batch_token_mean"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step = next(json.loads(x) for x in (tmp_path / "e2e" / "metrics.jsonl").read_text()
+                .splitlines() if "train/loss" in x)
+    assert step["train/n_updates"] == 2 and step["train/separate_old_logprob_pass"] == 1.0
+    # the HF engine samples with the policy itself: IS weights 1 up to float noise
+    assert step["train/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert step["train/logp_gap_max"] < 1e-3
