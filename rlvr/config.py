@@ -274,15 +274,25 @@ def resolve(explicit: dict, saved: dict | None = None) -> Config:
     if saved is None:
         preset = explicit.get("preset", "seed")
         return Config(**{**PRESETS[preset], **_coerce(explicit)})
+    fixed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_FIELDS]
+    if missing := [k for k in fixed if k not in saved]:
+        # today's defaults would silently stand in for settings the run never recorded
+        raise ValueError("--resume: this run's config.json was written by an older version "
+                         f"(no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                         "start a new run")
     base = Config(**_coerce(saved))
-    changed = [k for k, v in _coerce(explicit).items()
-               if k not in RESUMABLE_FIELDS and v != getattr(base, k)]
+    given = _coerce(explicit)
+    if given.get("exp_name") == base.run_name:
+        given.pop("exp_name")  # the name the run was derived to have, given explicitly
+    changed = [k for k, v in given.items() if k not in RESUMABLE_FIELDS and v != getattr(base, k)]
     if changed:
         raise ValueError("--resume continues a run with its saved settings; these cannot change: "
                          + ", ".join(f"--{k} {getattr(base, k)!r} -> {explicit[k]!r}"
                                      for k in changed))
-    return dataclasses.replace(base, **{k: v for k, v in _coerce(explicit).items()
-                                        if k in RESUMABLE_FIELDS})
+    # switches that describe this invocation, not the run: off unless given now
+    given.setdefault("debug", False)
+    given.setdefault("dry_run", False)
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if k in RESUMABLE_FIELDS})
 
 
 def fail(message: str) -> None:

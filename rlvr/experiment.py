@@ -235,7 +235,6 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
     # under their own names: the step with the same number logs its own mem/ figures
     metrics.update({k.replace("mem/", "mem/eval_"): v
                     for k, v in memory_metrics(run.device, run.mem_sampler).items()})
-    sample_memory(run)
     if run.device.type == "cuda":
         # the sampler's large eval batches leave blocks in torch's cache that the next update
         # cannot reuse (the step-11 OOM of issue 8 came right after an eval)

@@ -157,6 +157,15 @@ def card_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
+def saved_optimizer(cfg: Config) -> str | None:
+    """On --resume, the optimizer the run's checkpoint was written by: a new plan must not pick
+    another (its state would not load), whatever the card or the budget is now."""
+    path = cfg.run_dir / "config.json"
+    if not cfg.resume or not path.is_file():
+        return None
+    return (json.loads(path.read_text()).get("memory_plan") or {}).get("optim")
+
+
 def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
     """The memory plan for this run on this card (or on --gpu_memory_gb), or a one-line exit."""
     budget = cfg.gpu_memory_gb or card_gib()
@@ -174,7 +183,7 @@ def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
     forced = {"true": True, "false": False}
     try:
         return plan_memory(
-            shape, workload(cfg, eval_problems), budget, optim=cfg.optim,
+            shape, workload(cfg, eval_problems), budget, optim=saved_optimizer(cfg) or cfg.optim,
             gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
             sleep=forced.get(str(cfg.vllm_sleep).lower(), "auto"),
             micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util)

@@ -126,3 +126,44 @@ def test_the_eta_counts_the_evals_still_to_come_at_their_measured_time():
     # the last step is always evaluated, on the cadence or not
     eta = Eta(resolve({"n_train_steps": 25, "eval_every": 10}), step=0)
     assert eta.remaining_evals(20) == 1 and eta.remaining_evals(19) == 2
+
+
+def test_resume_accepts_the_run_name_the_run_was_given_by_default(tmp_path):
+    cfg = resolve({"output_dir": str(tmp_path), "objective": "PSR"})
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_json()))
+    assert cfg.exp_name is None
+    got = parse_config(["--output_dir", str(tmp_path), "--exp_name", cfg.run_name, "--resume"])
+    assert got.objective == "PSR" and got.run_dir == cfg.run_dir
+
+
+def test_resume_refuses_a_config_written_before_its_settings_existed(tmp_path, capsys):
+    saved = saved_run(tmp_path)
+    for key in ("loss_agg", "adam_betas"):  # what a config.json of the previous version lacks
+        saved.pop(key)
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit):
+        parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume"])
+    assert "older version" in capsys.readouterr().err
+
+
+def test_switches_of_one_invocation_are_not_carried_into_a_resume(tmp_path):
+    saved_run(tmp_path, debug=True)
+    cfg = parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume"])
+    assert cfg.debug is False and cfg.dry_run is False
+
+
+def test_a_resumed_run_keeps_the_optimizer_its_checkpoint_was_written_by(tmp_path,
+                                                                        tiny_model_dir):
+    """--optim auto re-plans on resume, possibly for another card or budget; the optimizer must
+    stay the one whose state the checkpoint holds."""
+    from rlvr.run_setup import make_plan
+
+    fresh = resolve({"output_dir": str(tmp_path), "exp_name": "r", "model_id":
+                     str(tiny_model_dir), "gpu_memory_gb": 80})
+    assert make_plan(fresh, 100).optim == "adamw"
+    fresh.run_dir.mkdir(parents=True)
+    (fresh.run_dir / "config.json").write_text(json.dumps(
+        {**fresh.to_json(), "memory_plan": {"optim": "adamw_kahan"}}))
+    resumed = parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume"])
+    assert make_plan(resumed, 100).optim == "adamw_kahan"
