@@ -215,14 +215,6 @@ RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature",
                     "gradient_checkpointing", "dry_run", "debug"}
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def _help_text(f: dataclasses.Field) -> str:
     text = f.metadata["help"]
     if f.default is not None and f.type != "bool":
@@ -319,6 +311,3 @@ def parse_config(argv: list[str] | None = None) -> Config:
         fail(msg)
     return cfg
 
-
-def load_config(path: Path) -> Config:
-    return Config(**_coerce(json.loads(Path(path).read_text())))

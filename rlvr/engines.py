@@ -203,18 +203,3 @@ def vllm_available() -> bool:
         return False
     return torch.cuda.is_available()
 
-
-def make_engine(backend: str, policy, tokenizer, model_dir: str, eos_ids: list[int], cfg):
-    """Build the engine the config asks for; 'auto' takes vLLM when CUDA and vLLM are present."""
-    if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
-    if backend == "hf":
-        return HFEngine(policy, tokenizer, eos_ids)
-    if not vllm_available():
-        raise RuntimeError("--backend vllm needs a CUDA GPU and the vllm package")
-    from rlvr.vllm_engine import VLLMEngine
-
-    return VLLMEngine(
-        model_dir, tokenizer, eos_ids, seed=cfg.seed, max_num_seqs=cfg.vllm_max_num_seqs,
-        max_model_len=cfg.max_prompt_tokens + max(cfg.max_tokens, cfg.eval_max_tokens or 0),
-        sleep_mode=cfg.vllm_sleep, gpu_mem_util=cfg.gpu_mem_util)

@@ -195,7 +195,7 @@ def default_optim_specs() -> dict:
 
 def param_bytes(spec) -> int:
     """Bytes per weight the optimizer keeps the model in (fp32 masters or bf16)."""
-    return int(spec.param_dtype.itemsize)
+    return spec.param_bytes
 
 
 def policy_gib(shape: ModelShape, spec) -> dict[str, float]:

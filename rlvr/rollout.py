@@ -1,7 +1,7 @@
 """What a rollout engine returns, and the interface both engines (HF and vLLM) implement.
 
-Kept apart from the engines so that `engines.make_engine` can import the vLLM engine and the vLLM
-engine can use these types without importing `engines` back.
+Kept apart from the engines so that rlvr/engines.py and rlvr/vllm_engine.py share them without
+importing each other.
 """
 
 from __future__ import annotations
