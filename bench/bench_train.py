@@ -201,6 +201,34 @@ def time_row(policy, opt, batch: UpdateBatch, row: Row, reps: int, pad_id: int,
     return {"first_s": times[0], "update_s": statistics.median(times[1:]), "old_s": old_s}
 
 
+def profile_row(policy, opt, batch: UpdateBatch, row: Row, pad_id: int, device) -> None:
+    """One update under torch.profiler after the timed ones: where the GPU's time goes (top
+    kernels by device time) and how much of the wall time the GPU is busy at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(0)
+    with _layout(row.layout == "packed") as kw:
+        t0 = now()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            policy_update(policy, opt, batch, None, temperature=1.0, clip_range=0.2,
+                          mini_batch_size=len(batch.responses), max_grad_norm=1.0,
+                          pad_id=pad_id, device=device, generator=gen,
+                          micro_batch_tokens=row.budget, **kw)
+            torch.cuda.synchronize()
+        wall = now() - t0
+    events = prof.key_averages()
+    kernels = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    print(f"profile {row}: wall {wall:.3f} s (profiler on), GPU kernels {busy:.3f} s "
+          f"({busy / wall:.0%} busy)")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / 1e3:8.1f} ms {e.count:6d}x  {e.key[:90]}")
+    cpu = sorted((e for e in events if e.device_type.name == "CPU"),
+                 key=lambda e: -e.self_cpu_time_total)[:8]
+    print("  top CPU ops (self): " + ", ".join(
+        f"{e.key[:40]} {e.self_cpu_time_total / 1e3:.0f} ms" for e in cpu), flush=True)
+
+
 def run_shape(shape: str, args, peak: float, used: UsedMemory, out: dict, save) -> None:
     rows_in = load_subset(args.data_dir, "train")[:N_PROMPTS]  # fails fast without the data
     model_dir = build_random_qwen(shape, Path(args.model_root) / shape, math_texts(args.data_dir))
@@ -240,6 +268,9 @@ def run_shape(shape: str, args, peak: float, used: UsedMemory, out: dict, save) 
         r.update(alloc_gib=torch.cuda.max_memory_allocated() / 2**30, used_gib=used.peak / 2**30)
         out["rows"].append(r)
         print(fmt(shape, r), flush=True)
+        if args.profile and not (r.get("oom") or r.get("error")):
+            profile_row(policy, opt, batch, row, tok.pad_token_id, torch.device("cuda"))
+            opt.zero_grad(set_to_none=True)
         save()  # after every row: a time-out keeps what was measured
     del policy, opt
     gc.collect()
@@ -278,6 +309,8 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=int, default=[8192, 16384, 32768])
     ap.add_argument("--chunks", nargs="+", type=int, default=[logprobs.LOGIT_CHUNK_TOKENS])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="after each row, profile one more update: top kernels, GPU busy share")
     args = ap.parse_args()
 
     peak = measured_bf16_peak_tflops()

@@ -73,6 +73,9 @@ class Config:
     # --- GPU memory (see rlvr/memory.py)
     gpu_memory_gb: float | None = _opt(None, "GPU memory budget in GiB (default: the whole card); "
                                              "the memory plan must fit it")
+    host_memory_gb: float | None = _opt(None, "host RAM in GiB, of which optimizer state "
+                                              "offloaded to the CPU may take three quarters "
+                                              "(default: this machine's)")
     micro_batch_tokens: int | None = _opt(None, "padded tokens per forward/backward (memory only; "
                                                 "default: from the memory plan)")
     gradient_checkpointing: str = _opt("auto", "recompute activations in backward; auto = as the "
@@ -83,6 +86,9 @@ class Config:
                            choices=("auto", "true", "false"))
     gpu_mem_util: float | None = _opt(None, "expert override: share of the card for vLLM's weights "
                                             "+ KV cache, instead of the plan's KV size")
+    compile: bool = _opt(False, "torch.compile the decoder layers and the LM-head loss (GPU only): "
+                                "the 0.5B update takes 0.83 s instead of 1.31 (H100) but "
+                                "compiling costs ~60 s at start, so it pays after ~130 steps")
     dry_run: bool = _opt(False, "print the memory plan and exit (reads only the model's "
                                 "config.json)")
     # --- evaluation
@@ -165,6 +171,8 @@ class Config:
             (self.gpu_mem_util is None or 0 < self.gpu_mem_util < 1,
              "--gpu_mem_util must be in (0, 1)"),
             (self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "--gpu_memory_gb must be > 0"),
+            (self.host_memory_gb is None or self.host_memory_gb > 0,
+             "--host_memory_gb must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -211,8 +219,8 @@ RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature",
                     "eval_limit", "eval_max_tokens", "save_every", "resume",
                     "n_eval_examples_logged", "grader_workers", "grade_timeout_s", "backend",
                     "gpu_mem_util", "vllm_sleep", "vllm_max_num_seqs", "output_dir",
-                    "logprob_gap_every", "gpu_memory_gb", "micro_batch_tokens",
-                    "gradient_checkpointing", "dry_run", "debug"}
+                    "logprob_gap_every", "gpu_memory_gb", "host_memory_gb", "micro_batch_tokens",
+                    "gradient_checkpointing", "dry_run", "debug", "compile"}
 
 
 def _help_text(f: dataclasses.Field) -> str:

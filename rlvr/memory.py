@@ -31,7 +31,9 @@ CKPT_HIDDEN_BYTES = 4
 # fp32 [chunk, vocab] tensors alive at once in the loss (logits, log-softmax temporaries, their
 # gradient); the no-checkpointing 0.5B runs put ~3.5 GiB above weights + activations.
 LOGITS_FP32_COPIES = 3
-# Autocast caches a bf16 copy of every matmul weight for backward when the masters are fp32.
+# bf16 copies autocast makes of fp32 master weights (its weight cache is off, see
+# logprobs.autocast_ctx): without checkpointing autograd saves every one for backward; with it
+# only one layer's (rebuilt in backward) and the LM head's (one chunk at a time) are alive.
 AUTOCAST_COPY_BYTES = 2
 # A frozen copy of the initial policy for a KL term, and vLLM's weights: bf16.
 BF16_BYTES = 2
@@ -75,6 +77,9 @@ MIN_MICRO_BATCH_TOKENS = 1024
 # Checkpointing off only when the no-checkpoint activations of a micro-batch are this small a
 # share of the budget: recompute costs ~1/3 more update compute, a small price above that.
 NO_CKPT_MAX_ACTIVATION_SHARE = 0.10
+# Optimizer state offloaded to host memory may take at most this share of the host's RAM: the
+# process also holds the checkpoint being loaded, vLLM's CPU buffers, the data and the graders.
+HOST_STATE_SHARE = 0.75
 # `optim="auto"`: exact first, then the leanest accurate ones by least slowdown (offload last:
 # it moves 12 B/param over PCIe every step).
 AUTO_OPTIM_ORDER = ("adamw", "adamw_kahan", "adamw_8bit", "adamw_offload", "adamw_kahan_offload")
@@ -112,9 +117,12 @@ class ModelShape:
     def matmul_params(self) -> int:
         """Weights autocast casts to bf16: every projection and the LM head (not the embedding
         lookup, norms or biases)."""
+        return self.layers * self.layer_matmul_params + self.vocab * self.hidden
+
+    @property
+    def layer_matmul_params(self) -> int:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        layer = self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate
-        return self.layers * layer + self.vocab * self.hidden
+        return self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -198,10 +206,12 @@ def param_bytes(spec) -> int:
     return spec.param_bytes
 
 
-def policy_gib(shape: ModelShape, spec) -> dict[str, float]:
+def policy_gib(shape: ModelShape, spec, checkpointing: bool) -> dict[str, float]:
     """The policy's own tensors: weights, gradients, GPU optimizer state, autocast bf16 copies."""
     p = shape.n_params
-    copies = shape.matmul_params * AUTOCAST_COPY_BYTES if param_bytes(spec) > 2 else 0
+    cast = (shape.layer_matmul_params + shape.vocab * shape.hidden if checkpointing
+            else shape.matmul_params)
+    copies = cast * AUTOCAST_COPY_BYTES if param_bytes(spec) > 2 else 0
     return {"weights": p * param_bytes(spec) / GIB, "grads": p * spec.grad_bytes / GIB,
             "optimizer": p * spec.state_bytes / GIB, "autocast": copies / GIB}
 
@@ -221,7 +231,8 @@ def logits_gib(shape: ModelShape, chunk_tokens: int) -> float:
 def train_tensors_gib(shape: ModelShape, spec, *, gradient_checkpointing: bool,
                       micro_batch_tokens: int, logit_chunk_tokens: int = 1024) -> float:
     """What torch.cuda.max_memory_allocated sees in a train step without vLLM (bench_train.py)."""
-    return (sum(policy_gib(shape, spec).values()) + logits_gib(shape, logit_chunk_tokens)
+    return (sum(policy_gib(shape, spec, gradient_checkpointing).values())
+            + logits_gib(shape, logit_chunk_tokens)
             + activation_gib(shape, micro_batch_tokens, gradient_checkpointing))
 
 
@@ -306,7 +317,7 @@ class MemoryPlan:
 def plan_memory(shape: ModelShape, workload: Workload, budget_gib: float, *, optim: str = "auto",
                 gradient_checkpointing: str | bool = "auto", sleep: str | bool = "auto",
                 micro_batch_tokens: int | None = None, gpu_mem_util: float | None = None,
-                optim_specs: dict | None = None) -> MemoryPlan:
+                host_gib: float | None = None, optim_specs: dict | None = None) -> MemoryPlan:
     """The plan for one run on a `budget_gib` GiB GPU budget (the card's total or the user's
     --gpu_memory_gb), or PlanError with one line naming the budget it needs and what would fit.
 
@@ -316,13 +327,15 @@ def plan_memory(shape: ModelShape, workload: Workload, budget_gib: float, *, opt
     down to one longest sequence, a KV cache below the eval's need; then the next optimizer of
     AUTO_OPTIM_ORDER. Values given (True/False, "true"/"false", a name, a number) are kept.
     `gpu_mem_util` (expert override) gives vLLM that share of the budget instead of a sized KV
-    cache. `optim_specs` defaults to rlvr.optimizers.OPTIMIZERS.
+    cache. An optimizer whose host-memory state exceeds HOST_STATE_SHARE of `host_gib` (None:
+    unlimited) is not chosen, and refused if given. `optim_specs` defaults to
+    rlvr.optimizers.OPTIMIZERS.
     """
     from rlvr.memory_search import plan
 
     specs = optim_specs if optim_specs is not None else default_optim_specs()
     return plan(shape, workload, budget_gib, specs, optim, gradient_checkpointing, sleep,
-                micro_batch_tokens, gpu_mem_util)
+                micro_batch_tokens, gpu_mem_util, host_gib)
 
 
 _ROWS = (  # label, components added up
@@ -336,7 +349,7 @@ _ROWS = (  # label, components added up
     ("vLLM weights (bf16)", ("vllm_weights",)),
     ("vLLM KV cache{kv}", ("kv_cache",)),
     ("vLLM overhead (graphs, sampler)", ("vllm_overhead",)),
-    ("vLLM start-up activations (init only)", ("vllm_startup",)),
+    ("vLLM start-up, above optimizer state", ("vllm_startup",)),
     ("CUDA context + fragmentation", ("context", "fragmentation")),
 )
 

@@ -16,6 +16,7 @@ from rlvr.memory import (
     DEFAULT_MICRO_BATCH_TOKENS,
     FRAGMENTATION_SHARE,
     GIB,
+    HOST_STATE_SHARE,
     KV_BLOCK_TOKENS,
     MIN_HEADROOM_SHARE,
     MIN_MICRO_BATCH_TOKENS,
@@ -47,6 +48,14 @@ class _Request:
     sleep: bool | None
     micro_batch_tokens: int | None
     gpu_mem_util: float | None
+    host_gib: float | None = None
+
+    def host_state_gib(self, optim: str) -> float:
+        return self.shape.n_params * self.specs[optim].cpu_bytes / GIB
+
+    def host_fits(self, optim: str) -> bool:
+        return self.host_gib is None or \
+            self.host_state_gib(optim) <= HOST_STATE_SHARE * self.host_gib
 
     @property
     def limit(self) -> float:
@@ -89,7 +98,7 @@ def _mb_floor(wl: Workload) -> int:
 
 def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, dict]:
     shape, wl = req.shape, req.wl
-    pol = policy_gib(shape, req.specs[s.optim])
+    pol = policy_gib(shape, req.specs[s.optim], s.checkpointing)
     ref = shape.n_params * BF16_BYTES / GIB if wl.reference_model else 0.0
     vw, ov = shape.n_params * BF16_BYTES / GIB, vllm_overhead_gib(shape, wl)
     if req.gpu_mem_util is None:
@@ -100,11 +109,14 @@ def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, di
     logits = logits_gib(shape, wl.logit_chunk_tokens)
     frag = FRAGMENTATION_SHARE * (pol["grads"] + pol["autocast"] + act + logits)
     awake = 0.0 if s.sleep else 1.0
-    # the rollout column also covers vLLM's start-up, when its profiling activations are alive
+    # the rollout column also covers vLLM's start-up, when its profiling activations are alive;
+    # the optimizer state is allocated only after that (run_setup.load_models), so the start-up
+    # moment is higher than the steady rollout phase only by what they exceed it by
     rollout = {"weights": pol["weights"], "grads": 0.0, "optimizer": pol["optimizer"],
                "autocast": 0.0, "activations": 0.0, "logits": 0.0, "reference": ref,
                "vllm_weights": vw, "kv_cache": kv, "vllm_overhead": ov,
-               "vllm_startup": vllm_startup_gib(shape), "context": CUDA_CONTEXT_GIB,
+               "vllm_startup": max(vllm_startup_gib(shape) - pol["optimizer"], 0.0),
+               "context": CUDA_CONTEXT_GIB,
                "fragmentation": 0.0}
     train = {**pol, "activations": act, "logits": logits, "reference": ref,
              "vllm_weights": vw * awake, "kv_cache": kv * awake, "vllm_overhead": ov,
@@ -188,7 +200,7 @@ def _optim_order(req: _Request) -> list[str]:
     if req.optim is not None:
         return [req.optim]
     order = [o for o in AUTO_OPTIM_ORDER if o in req.specs]
-    return order + sorted(o for o in req.specs if o not in order)
+    return [o for o in order + sorted(o for o in req.specs if o not in order) if req.host_fits(o)]
 
 
 def _search(req: _Request) -> tuple[_Eval | None, list[_Eval]]:
@@ -202,7 +214,7 @@ def _search(req: _Request) -> tuple[_Eval | None, list[_Eval]]:
 
 def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim: str,
              checkpointing: str | bool, sleep: str | bool, mb: int | None,
-             util: float | None) -> _Request:
+             util: float | None, host_gib: float | None) -> _Request:
     if not budget > 0:
         raise PlanError(f"the GPU memory budget must be > 0 GiB, got {budget}")
     if optim != "auto" and optim not in specs:
@@ -215,7 +227,11 @@ def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim:
     if bad:
         raise PlanError(f"workload {bad[0]} must be >= 1, got {getattr(wl, bad[0])}")
     req = _Request(shape, wl, float(budget), specs, None if optim == "auto" else optim,
-                   _auto_choice(checkpointing), _auto_choice(sleep), mb, util)
+                   _auto_choice(checkpointing), _auto_choice(sleep), mb, util, host_gib)
+    if req.optim is not None and not req.host_fits(req.optim):
+        raise PlanError(f"--optim {optim} keeps {req.host_state_gib(optim):.1f} GiB of optimizer "
+                        f"state in host memory, more than {HOST_STATE_SHARE:.0%} of the host's "
+                        f"{host_gib:.1f} GiB")
     fixed = shape.n_params * BF16_BYTES / GIB + vllm_overhead_gib(shape, wl)
     if util is not None and util * budget < fixed:
         raise PlanError(f"--gpu_mem_util {util} gives vLLM {util * budget:.1f} GiB, less than "
@@ -241,9 +257,9 @@ def _make_plan(req: _Request, e: _Eval, notes: list[str]) -> MemoryPlan:
 
 def plan(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim: str,
          checkpointing: str | bool, sleep: str | bool, mb: int | None,
-         util: float | None) -> MemoryPlan:
+         util: float | None, host_gib: float | None = None) -> MemoryPlan:
     """`plan_memory`'s work (see its docstring)."""
-    req = _request(shape, wl, budget, specs, optim, checkpointing, sleep, mb, util)
+    req = _request(shape, wl, budget, specs, optim, checkpointing, sleep, mb, util, host_gib)
     best, tried = _search(req)
     if best is None:
         raise PlanError(_refusal(req))
@@ -271,10 +287,11 @@ def _optim_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
         return f"optimizer {o} ({kind}) as given by --optim"
     worse = {e.setting.optim: _leanest(req, e.setting.optim).peak
              for e in tried if e.setting.optim != o}
-    if not worse:
-        return f"optimizer {o} ({kind}): the first choice, it fits"
-    why = ", ".join(f"{name} needs >= {peak:.1f} GiB" for name, peak in worse.items())
-    return f"optimizer {o} ({kind}): {why}"
+    why = [f"{name} needs >= {peak:.1f} GiB" for name, peak in worse.items()]
+    order = [x for x in AUTO_OPTIM_ORDER if x in req.specs]
+    why += [f"{x} needs {req.host_state_gib(x):.1f} GiB of host memory (> {HOST_STATE_SHARE:.0%} "
+            f"of {req.host_gib:.1f})" for x in order[:order.index(o)] if not req.host_fits(x)]
+    return f"optimizer {o} ({kind}): {', '.join(why) if why else 'the first choice, it fits'}"
 
 
 def _sleep_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
@@ -387,13 +404,24 @@ def _fix(req: _Request) -> str | None:
     return None
 
 
+def _host_fix(req: _Request) -> str | None:
+    """An offloading optimizer that fits the GPU but was left out for the host's RAM."""
+    left_out = [x for x in req.specs if not req.host_fits(x) and req.optim in (None, x)]
+    for o in sorted(left_out, key=req.host_state_gib):
+        if _search(replace(req, optim=o, host_gib=None))[0] is not None:
+            need = math.ceil(req.host_state_gib(o) / HOST_STATE_SHARE)
+            return (f"--optim {o} would fit with >= {need} GiB of host RAM (--host_memory_gb; "
+                    f"this host: {req.host_gib:.0f} GiB)")
+    return None
+
+
 def _refusal(req: _Request) -> str:
     leanest = min((_leanest(req, o) for o in _optim_order(req)), key=lambda e: e.peak)
     need = math.ceil(leanest.peak / (1 - MIN_HEADROOM_SHARE) * 10) / 10
     given = [_flag(n, getattr(req, n)) for n in _FLAGS if getattr(req, n) is not None]
     head = (f"the run needs >= {need:.1f} GiB of GPU memory"
             f"{' with ' + ', '.join(given) if given else ''}, the budget is {req.budget:.1f} GiB")
-    fix = _fix(req)
+    fix = _fix(req) or _host_fix(req)
     if fix is not None:
         return f"{head}; {fix}"
     return (f"{head} (leanest plan: {_describe(leanest.setting)}); use a larger GPU or a "

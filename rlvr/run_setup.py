@@ -157,6 +157,10 @@ def card_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
+def host_ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def saved_optimizer(cfg: Config) -> str | None:
     """On --resume, the optimizer the run's checkpoint was written by: a new plan must not pick
     another (its state would not load), whatever the card or the budget is now."""
@@ -186,7 +190,8 @@ def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
             shape, workload(cfg, eval_problems), budget, optim=saved_optimizer(cfg) or cfg.optim,
             gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
             sleep=forced.get(str(cfg.vllm_sleep).lower(), "auto"),
-            micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util)
+            micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util,
+            host_gib=cfg.host_memory_gb or host_ram_gib())
     except PlanError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -253,9 +258,23 @@ def build_engine(cfg: Config, mem: Resolved, policy, tokenizer, model_dir: str, 
         gpu_mem_util=mem.plan["vllm_share_gib"] / card_gib() if cfg.gpu_mem_util else None)
 
 
+def compile_policy(policy, device: torch.device) -> None:
+    """--compile: regional compilation of the layers plus the LM-head loss; compiling happens
+    in the first update."""
+    if device.type != "cuda":
+        print("note: --compile applies on a CUDA GPU only; running eager", flush=True)
+        return
+    from rlvr.attention import compile_decoder_layers
+    from rlvr.logprobs import compile_logit_head
+
+    compile_decoder_layers(policy)
+    compile_logit_head()
+
+
 def load_models(cfg: Config, device: torch.device, mem: Resolved):
-    """Tokenizer, policy (in the dtype its optimizer keeps), optimizer (state allocated now),
-    the frozen reference policy for --kl_coef, and the rollout engine, in that order."""
+    """Tokenizer, policy (in the dtype its optimizer keeps), the frozen reference policy for
+    --kl_coef, the rollout engine and the optimizer (state allocated now), in that order: vLLM's
+    start-up activations are handed back before the optimizer state takes its room."""
     from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer, resolve_model_dir
     from rlvr.optimizers import param_dtype_for
     from rlvr.training import make_optimizer
@@ -268,14 +287,11 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
     except (OSError, ValueError) as e:  # a bad path or hub id, an unsupported model
         raise SystemExit(f"error: cannot load --model_id {cfg.model_id}: "
                          f"{str(e).strip().splitlines()[0]}") from None
-    try:
-        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, name=mem.optim,
-                                   betas=tuple(cfg.adam_betas))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     # padding-free micro-batches where torch's varlen flash attention runs (CUDA); elsewhere the
     # padded layout, whose sdpa kernels need no N x N mask
     mem.packed = device.type == "cuda" and enable_packed_attention(policy) == "varlen"
+    if cfg.compile:
+        compile_policy(policy, device)
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model = load_policy(model_dir, device, False, dtype=torch.bfloat16)
@@ -288,4 +304,9 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
         # the policy shares in this process; hand them back before training allocates
         torch.cuda.empty_cache()
+    try:
+        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, name=mem.optim,
+                                   betas=tuple(cfg.adam_betas))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     return tokenizer, policy, optimizer, engine, ref_model
