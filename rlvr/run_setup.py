@@ -309,4 +309,8 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
                                    betas=tuple(cfg.adam_betas))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if device.type == "cuda":
+        # allocating the state took one zero-gradient step: its freed gradients (4 B/param)
+        # would stay cached through the first eval (measured: +3.6 GiB at 1.5B)
+        torch.cuda.empty_cache()
     return tokenizer, policy, optimizer, engine, ref_model
