@@ -63,6 +63,10 @@ CUDA_CONTEXT_GIB = 0.6          # CUDA context + cuBLAS workspaces, seen by nvid
 # 0.5B awake +0.2 GiB over the 5% first assumed, 1.5B and 3B asleep +1.4 and +2.1 GiB: the
 # sleep/wake cycle leaves the allocator's segments split. 15% covers all three.
 FRAGMENTATION_SHARE = 0.15
+# With vLLM asleep during updates (refit after the autocast weight cache went, H100, 2026-11-22):
+# 3B peaked 3.2 GiB above the 15% plan (60.2 against 57.0, sawtooth 55-60 GiB over 30 steps, no
+# growth), 1.5B 0.7 above; 0.5B (awake) 0.3 below. 33% covers the 3B run.
+SLEEP_FRAGMENTATION_SHARE = 0.33
 
 # Every plan leaves this share of the budget free: the model's own error on the H100 runs was
 # within 0.4 GiB after the fit above, but a plan whose KV cache was cut to fill the budget has no

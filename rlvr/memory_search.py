@@ -21,6 +21,7 @@ from rlvr.memory import (
     MIN_HEADROOM_SHARE,
     MIN_MICRO_BATCH_TOKENS,
     NO_CKPT_MAX_ACTIVATION_SHARE,
+    SLEEP_FRAGMENTATION_SHARE,
     SLEEP_MIN_PARAMS,
     MemoryPlan,
     ModelShape,
@@ -107,7 +108,8 @@ def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, di
         kv = max(req.gpu_mem_util * req.budget - vw - ov, 0.0)
     act = activation_gib(shape, max(s.micro_batch_tokens, wl.max_train_seq), s.checkpointing)
     logits = logits_gib(shape, wl.logit_chunk_tokens)
-    frag = FRAGMENTATION_SHARE * (pol["grads"] + pol["autocast"] + act + logits)
+    share = SLEEP_FRAGMENTATION_SHARE if s.sleep else FRAGMENTATION_SHARE
+    frag = share * (pol["grads"] + pol["autocast"] + act + logits)
     awake = 0.0 if s.sleep else 1.0
     # the rollout column also covers vLLM's start-up, when its profiling activations are alive;
     # the optimizer state is allocated only after that (run_setup.load_models), so the start-up
