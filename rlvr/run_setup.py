@@ -222,6 +222,15 @@ class Resolved:
     packed: bool = False
 
 
+def memory_fraction(plan: MemoryPlan, card: float) -> float:
+    """torch's per-process cap that enforces the plan's budget. torch counts vLLM's weights and
+    KV cache as allocated also while vLLM sleeps (their virtual addresses stay in its memory pool,
+    only the physical pages go), so in sleep mode the cap adds them back: otherwise a 3B update
+    under a 24 GiB budget was refused at 11.5 GiB of real use."""
+    asleep = plan.rollout_gib["vllm_weights"] + plan.rollout_gib["kv_cache"] if plan.sleep else 0.0
+    return min((plan.budget_gib + asleep) / card, 1.0)
+
+
 def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Resolved:
     if device.type != "cuda":
         gc = {"true": True}.get(str(cfg.gradient_checkpointing).lower(), False)
@@ -231,8 +240,7 @@ def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Res
     print(plan.format_table(), flush=True)
     budget = cfg.gpu_memory_gb
     if budget is not None and budget < card_gib():
-        # the trainer's share of the cap; vLLM's KV cache is sized by the plan itself
-        torch.cuda.set_per_process_memory_fraction(budget / card_gib())
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(plan, card_gib()))
     return Resolved(plan.optim, plan.gradient_checkpointing, plan.micro_batch_tokens,
                     plan.sleep, plan.kv_cache_bytes, plan.to_dict())
 
@@ -304,13 +312,19 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
         # the policy shares in this process; hand them back before training allocates
         torch.cuda.empty_cache()
+    # Allocating the state takes one zero-gradient step: a gradient's worth of memory on top of
+    # the rollout phase, which only an update has room for when the plan sleeps vLLM (1.5B under
+    # a 24 GiB budget ran out here), so vLLM sleeps as in an update and wakes by a weight sync.
+    engine.sleep()
     try:
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, name=mem.optim,
                                    betas=tuple(cfg.adam_betas))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if device.type == "cuda":
-        # allocating the state took one zero-gradient step: its freed gradients (4 B/param)
-        # would stay cached through the first eval (measured: +3.6 GiB at 1.5B)
+        # the zero step's freed gradients would stay cached through the first eval (measured:
+        # +3.6 GiB at 1.5B)
         torch.cuda.empty_cache()
+    if mem.sleep:
+        engine.sync_weights(policy)
     return tokenizer, policy, optimizer, engine, ref_model

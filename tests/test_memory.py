@@ -357,3 +357,16 @@ def test_print_plan_tables(label, s, wl, budget):
     assert len(lines) <= 16 and max(map(len, lines)) <= 100
     json.dumps(p.to_dict())
     assert p.to_dict()["kv_cache_bytes"] == p.kv_cache_bytes
+
+
+def test_the_enforced_cap_adds_back_what_sleeping_vllm_still_counts_as_allocated():
+    from rlvr.run_setup import memory_fraction
+
+    p = plan(S3, 24, host_gib=125)
+    assert p.sleep and p.optim == "adamw_kahan_offload"
+    # torch keeps counting vLLM's bf16 weights (3,085,938,688 x 2 B) and its KV cache while
+    # their pages are released: the cap is the budget plus both, as a share of an 80 GiB card
+    asleep = 3_085_938_688 * 2 / GIB + p.kv_cache_bytes / GIB
+    assert memory_fraction(p, 80.0) == pytest.approx((24 + asleep) / 80)
+    awake = plan(S05, 24)
+    assert not awake.sleep and memory_fraction(awake, 80.0) == pytest.approx(24 / 80)
