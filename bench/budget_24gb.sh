@@ -5,15 +5,15 @@
 # KV cache size) and its peak is this process's GPU memory as the driver counts it (nvidia-smi's
 # per-process figure, mem/process_peak_gb in metrics.jsonl). Speeds are NOT comparable: three runs
 # share one GPU and the host's cores. Usage (on the GPU machine, after bench/device_env.sh):
-#   [LIMIT_S=500] bash bench/budget_24gb.sh $OUT [steps]   (LIMIT_S: wall limit per run)
+#   [SHAPES="1.5B 3B"] [LIMIT_S=500] bash bench/budget_24gb.sh $OUT [steps]   (LIMIT_S: wall limit per run)
 OUT=${1:-/tmp/out}; STEPS=${2:-30}
-for S in 0.5B 1.5B 3B; do
+for S in ${SHAPES:-0.5B 1.5B 3B}; do
   timeout ${LIMIT_S:-500} python bench/whole_run.py --shape $S --steps $STEPS --runs_dir /tmp/runs24_$S \
     --out "$OUT/b24_$S.json" -- --eval_limit 100 --gpu_memory_gb 24 > "$OUT/b24_$S.log" 2>&1 &
   sleep 20  # start-ups apart: model builds and vLLM compiles compete for the CPU
 done
 wait
-for S in 0.5B 1.5B 3B; do
+for S in ${SHAPES:-0.5B 1.5B 3B}; do
   python - "$S" /tmp/runs24_$S/*/metrics.jsonl <<'PY'
 import json, sys
 shape, rows = sys.argv[1], [json.loads(x) for f in sys.argv[2:] for x in open(f)]
