@@ -43,6 +43,9 @@ KV_BLOCK_TOKENS = 16            # vLLM's default block size: the KV cache comes 
 KV_DTYPE_BYTES = 2              # bf16 KV cache
 VLLM_OVERHEAD_GIB = 1.5         # CUDA graphs (up to batch 512), compile/profiling buffers
 SAMPLER_LOGIT_BYTES = 4         # + max_num_seqs x vocab fp32 sampler logits
+# In sleep mode the rollout/eval phase ran this much above the model, every eval alike, at 1.5B
+# (80 and 24 GiB budgets: +1.15, +1.17) and 3B (+1.2); awake (0.5B) +0.07. H100, 2026-11-22.
+SLEEP_MODE_ROLLOUT_GIB = 1.2
 # vLLM's start-up profiling run (a dummy forward of max_num_batched_tokens, 16,384 on an H100)
 # leaves its activations in torch's cache while the KV cache is allocated in vLLM's own pool; we
 # hand them back right after start-up, but they count at that moment. Measured: 3.74 GiB for the

@@ -22,6 +22,7 @@ from rlvr.memory import (
     MIN_MICRO_BATCH_TOKENS,
     NO_CKPT_MAX_ACTIVATION_SHARE,
     SLEEP_FRAGMENTATION_SHARE,
+    SLEEP_MODE_ROLLOUT_GIB,
     SLEEP_MIN_PARAMS,
     MemoryPlan,
     ModelShape,
@@ -116,7 +117,8 @@ def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, di
     # moment is higher than the steady rollout phase only by what they exceed it by
     rollout = {"weights": pol["weights"], "grads": 0.0, "optimizer": pol["optimizer"],
                "autocast": 0.0, "activations": 0.0, "logits": 0.0, "reference": ref,
-               "vllm_weights": vw, "kv_cache": kv, "vllm_overhead": ov,
+               "vllm_weights": vw, "kv_cache": kv,
+               "vllm_overhead": ov + (SLEEP_MODE_ROLLOUT_GIB if s.sleep else 0.0),
                "vllm_startup": max(vllm_startup_gib(shape) - pol["optimizer"], 0.0),
                "context": CUDA_CONTEXT_GIB,
                "fragmentation": 0.0}
