@@ -75,7 +75,9 @@ class Config:
                                              "the memory plan must fit it")
     host_memory_gb: float | None = _opt(None, "host RAM in GiB, of which optimizer state "
                                               "offloaded to the CPU may take three quarters "
-                                              "(default: this machine's)")
+                                              "(default: this machine's or its container's "
+                                              "limit; give the GPU machine's for a --dry_run "
+                                              "elsewhere)")
     micro_batch_tokens: int | None = _opt(None, "padded tokens per forward/backward (memory only; "
                                                 "default: from the memory plan)")
     gradient_checkpointing: str = _opt("auto", "recompute activations in backward; auto = as the "
@@ -292,6 +294,7 @@ def resolve(explicit: dict, saved: dict | None = None) -> Config:
     # switches that describe this invocation, not the run: off unless given now
     given.setdefault("debug", False)
     given.setdefault("dry_run", False)
+    given.setdefault("compile", False)
     return dataclasses.replace(base, **{k: v for k, v in given.items() if k in RESUMABLE_FIELDS})
 
 

@@ -165,7 +165,7 @@ class HFEngine:
         for i, p in enumerate(flat):  # left padding: generation appends on the right
             ids[i, L - len(p):] = torch.tensor(p)
             attn[i, L - len(p):] = 1
-        with autocast_ctx(device):
+        with autocast_ctx(device, cache=True):  # one bf16 copy per generate, not per token
             out = self.policy.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                                        generation_config=gen_config)
         new = out.sequences[:, L:]

@@ -26,16 +26,17 @@ from rlvr.attention import VARLEN_ATTN, raise_recompile_limit
 LOGIT_CHUNK_TOKENS = 1024
 
 
-def autocast_ctx(device: torch.device):
+def autocast_ctx(device: torch.device, cache: bool = False):
     """bf16 compute on GPU; fp32 on CPU (bf16 matmuls are slow there, tests want exactness).
 
-    No weight cache: with it autocast keeps a bf16 copy of every fp32 weight until the forward
-    ends (5.8 GiB at 3B), although with gradient checkpointing nothing else keeps them; without
-    it each copy lives for its layer's matmul (and its recompute in backward). Every weight is
-    used once per forward, so this costs no extra casts except the LM head's, once per
-    LOGIT_CHUNK_TOKENS chunk."""
+    No weight cache by default: with it autocast keeps a bf16 copy of every fp32 weight until the
+    forward ends (5.8 GiB at 3B), although with gradient checkpointing nothing else keeps them;
+    without it each copy lives for its layer's matmul (and its recompute in backward). Every
+    weight is used once per forward, so this costs no extra casts except the LM head's, once per
+    LOGIT_CHUNK_TOKENS chunk. `cache=True` is for a context around many forwards (the HF engine's
+    generate: once per decode step otherwise)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return torch.autocast("cpu", enabled=False)
 
 

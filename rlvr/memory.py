@@ -64,7 +64,7 @@ CUDA_CONTEXT_GIB = 0.6          # CUDA context + cuBLAS workspaces, seen by nvid
 # OOM incidents of issue 8 left ~17-20 GB unexplained by the tensors, see the report.
 # Fitted on the H100 runs of docs/PERFORMANCE.md (30 steps each, process peak vs this model):
 # 0.5B awake +0.2 GiB over the 5% first assumed, 1.5B and 3B asleep +1.4 and +2.1 GiB: the
-# sleep/wake cycle leaves the allocator's segments split. 15% covers all three.
+# sleep/wake cycle leaves the allocator's segments split; 15% is kept for vLLM awake (below).
 FRAGMENTATION_SHARE = 0.15
 # With vLLM asleep during updates (refit after the autocast weight cache went, H100, 2026-11-22):
 # 3B peaked 3.2 GiB above the 15% plan (60.2 against 57.0, sawtooth 55-60 GiB over 30 steps, no

@@ -110,18 +110,19 @@ def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, di
     act = activation_gib(shape, max(s.micro_batch_tokens, wl.max_train_seq), s.checkpointing)
     logits = logits_gib(shape, wl.logit_chunk_tokens)
     share = SLEEP_FRAGMENTATION_SHARE if s.sleep else FRAGMENTATION_SHARE
+    # what sleep/wake cycles leave in the rollout phase; vLLM's start-up comes before any cycle
+    sleep_extra = SLEEP_MODE_ROLLOUT_GIB if s.sleep else 0.0
     frag = share * (pol["grads"] + pol["autocast"] + act + logits)
     awake = 0.0 if s.sleep else 1.0
     # the rollout column also covers vLLM's start-up, when its profiling activations are alive;
-    # the optimizer state is allocated only after that (run_setup.load_models), so the start-up
-    # moment is higher than the steady rollout phase only by what they exceed it by
+    # the optimizer state is allocated only after that (run_setup.load_models) and no sleep/wake
+    # has happened yet, so the start-up moment is higher than the steady rollout phase only by
+    # what the activations exceed those two by
     rollout = {"weights": pol["weights"], "grads": 0.0, "optimizer": pol["optimizer"],
                "autocast": 0.0, "activations": 0.0, "logits": 0.0, "reference": ref,
-               "vllm_weights": vw, "kv_cache": kv,
-               "vllm_overhead": ov + (SLEEP_MODE_ROLLOUT_GIB if s.sleep else 0.0),
-               "vllm_startup": max(vllm_startup_gib(shape) - pol["optimizer"], 0.0),
-               "context": CUDA_CONTEXT_GIB,
-               "fragmentation": 0.0}
+               "vllm_weights": vw, "kv_cache": kv, "vllm_overhead": ov,
+               "vllm_startup": max(vllm_startup_gib(shape) - pol["optimizer"] - sleep_extra, 0.0),
+               "context": CUDA_CONTEXT_GIB, "fragmentation": sleep_extra}
     train = {**pol, "activations": act, "logits": logits, "reference": ref,
              "vllm_weights": vw * awake, "kv_cache": kv * awake, "vllm_overhead": ov,
              "vllm_startup": 0.0, "context": CUDA_CONTEXT_GIB, "fragmentation": frag}
@@ -174,7 +175,8 @@ def _train_relief(req: _Request, s: _Setting) -> _Setting | None:
 
 def _leanest(req: _Request, optim: str) -> _Eval:
     """The smallest plan the given choices allow with this optimizer (its peak is the least
-    budget it needs: every relief only lowers memory)."""
+    budget it needs: every relief lowers the train phase; sleep adds SLEEP_MODE_ROLLOUT_GIB to
+    the rollout phase, which the KV floor keeps below the train phase for the shapes we know)."""
     s = _first(req, optim)
     while (nxt := _train_relief(req, s)) is not None:
         s = nxt
@@ -235,7 +237,7 @@ def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim:
     if req.optim is not None and not req.host_fits(req.optim):
         raise PlanError(f"--optim {optim} keeps {req.host_state_gib(optim):.1f} GiB of optimizer "
                         f"state in host memory, more than {HOST_STATE_SHARE:.0%} of the host's "
-                        f"{host_gib:.1f} GiB")
+                        f"{host_gib:.1f} GiB (--host_memory_gb)")
     fixed = shape.n_params * BF16_BYTES / GIB + vllm_overhead_gib(shape, wl)
     if util is not None and util * budget < fixed:
         raise PlanError(f"--gpu_mem_util {util} gives vLLM {util * budget:.1f} GiB, less than "
@@ -294,7 +296,8 @@ def _optim_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
     why = [f"{name} needs >= {peak:.1f} GiB" for name, peak in worse.items()]
     order = [x for x in AUTO_OPTIM_ORDER if x in req.specs]
     why += [f"{x} needs {req.host_state_gib(x):.1f} GiB of host memory (> {HOST_STATE_SHARE:.0%} "
-            f"of {req.host_gib:.1f})" for x in order[:order.index(o)] if not req.host_fits(x)]
+            f"of {req.host_gib:.1f})"
+            for x in order[:order.index(o) if o in order else len(order)] if not req.host_fits(x)]
     return f"optimizer {o} ({kind}): {', '.join(why) if why else 'the first choice, it fits'}"
 
 
@@ -414,8 +417,8 @@ def _host_fix(req: _Request) -> str | None:
     for o in sorted(left_out, key=req.host_state_gib):
         if _search(replace(req, optim=o, host_gib=None))[0] is not None:
             need = math.ceil(req.host_state_gib(o) / HOST_STATE_SHARE)
-            return (f"--optim {o} would fit with >= {need} GiB of host RAM (--host_memory_gb; "
-                    f"this host: {req.host_gib:.0f} GiB)")
+            return (f"--optim {o} would fit with >= {need} GiB of host RAM (--host_memory_gb, "
+                    f"now {req.host_gib:.0f} GiB)")
     return None
 
 

@@ -143,6 +143,20 @@ def _adamw(name: str, lr: float, weight_decay: float, betas: tuple[float, float]
     return optimi.AdamW, {**kwargs, "decouple_lr": False, "kahan_sum": True}
 
 
+def check_libraries(name: str) -> None:
+    """Import what option `name` needs now, so a missing package is a one-line error before
+    vLLM's minutes of start-up rather than after them (ValueError)."""
+    needs = {"adamw_kahan": "optimi", "adamw_kahan_offload": "optimi"}.get(name)
+    try:
+        if needs:
+            __import__(needs)
+        if name in ("adamw_8bit", "adamw_offload", "adamw_kahan_offload"):
+            _import_torchao_optim()
+    except ImportError as e:
+        raise ValueError(f"--optim {name} needs a package that is not installed ({e.name}); "
+                         "pip install -r requirements.txt") from None
+
+
 def _import_torchao_optim():
     """torchao.optim, without the import-time warnings of its CUDA kernels failing to load on
     machines that cannot run them (the optimizers here do not use those kernels)."""

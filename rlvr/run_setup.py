@@ -2,8 +2,8 @@
 
 Order matters and is kept here in one place: every check that can fail on bad input runs before
 anything is written or loaded; the memory plan is computed from config.json alone (so `--dry_run`
-needs no weights); long-lived GPU tensors (policy, optimizer state) are allocated before vLLM
-takes its share, so the two never interleave in memory.
+needs no weights); vLLM starts before the optimizer state is allocated (its start-up activations
+are handed back first) and sleeps while the state is made (see load_models).
 """
 
 from __future__ import annotations
@@ -158,7 +158,14 @@ def card_gib() -> float | None:
 
 
 def host_ram_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    """This machine's RAM, or the container's memory limit where that is lower (cgroup v2/v1)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            ram = min(ram, int(Path(path).read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max" (no limit)
+            pass
+    return ram / 2**30
 
 
 def saved_optimizer(cfg: Config) -> str | None:
@@ -223,10 +230,12 @@ class Resolved:
 
 
 def memory_fraction(plan: MemoryPlan, card: float) -> float:
-    """torch's per-process cap that enforces the plan's budget. torch counts vLLM's weights and
-    KV cache as allocated also while vLLM sleeps (their virtual addresses stay in its memory pool,
+    """torch's per-process cap for a budget below the card. torch counts vLLM's weights and KV
+    cache as allocated also while vLLM sleeps (their virtual addresses stay in its memory pool,
     only the physical pages go), so in sleep mode the cap adds them back: otherwise a 3B update
-    under a 24 GiB budget was refused at 11.5 GiB of real use."""
+    under a 24 GiB budget was refused at 11.5 GiB of real use. The cap thus holds updates to the
+    budget; while vLLM is awake it allows that much more, and the rollout phase is held to the
+    budget by the plan's fixed KV cache size instead."""
     asleep = plan.rollout_gib["vllm_weights"] + plan.rollout_gib["kv_cache"] if plan.sleep else 0.0
     return min((plan.budget_gib + asleep) / card, 1.0)
 
@@ -284,7 +293,7 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
     --kl_coef, the rollout engine and the optimizer (state allocated now), in that order: vLLM's
     start-up activations are handed back before the optimizer state takes its room."""
     from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer, resolve_model_dir
-    from rlvr.optimizers import param_dtype_for
+    from rlvr.optimizers import check_libraries, param_dtype_for
     from rlvr.training import make_optimizer
 
     try:
@@ -307,6 +316,10 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
         if mem.packed:
             enable_packed_attention(ref_model)
     eos_ids = eos_token_ids(policy, tokenizer)
+    try:
+        check_libraries(mem.optim)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     engine = build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids)
     if device.type == "cuda":
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which

@@ -41,8 +41,8 @@ class VLLMEngine:
         self.sleep_mode = sleep_mode
         self.asleep = False
         # With an explicit KV size vLLM ignores gpu_memory_utilization for sizing but still
-        # refuses to start unless that share of the card is free: the policy and its optimizer
-        # already hold theirs, so ask for a token share.
+        # refuses to start unless that share of the card is free: the policy already holds its
+        # share (and other runs may share the card), so ask for a token share.
         memory = ({"kv_cache_memory_bytes": int(kv_cache_bytes), "gpu_memory_utilization": 0.01}
                   if kv_cache_bytes else {"gpu_memory_utilization": gpu_mem_util or 0.9})
         self.llm = LLM(

@@ -222,7 +222,7 @@ def test_a_refusal_names_the_host_ram_an_offloading_optimizer_would_need():
         plan(S7, 80, WL7, host_gib=24)
     # Kahan state offloaded: 7,615,616,512 params x 10 B = 70.9 GiB, three quarters of >= 95 GiB
     assert str(e.value).endswith("--optim adamw_kahan_offload would fit with >= 95 GiB of host RAM "
-                                 "(--host_memory_gb; this host: 24 GiB)")
+                                 "(--host_memory_gb, now 24 GiB)")
 
 
 def test_an_offloaded_optimizer_the_host_cannot_hold_is_refused_in_one_line():
@@ -370,3 +370,16 @@ def test_the_enforced_cap_adds_back_what_sleeping_vllm_still_counts_as_allocated
     assert memory_fraction(p, 80.0) == pytest.approx((24 + asleep) / 80)
     awake = plan(S05, 24)
     assert not awake.sleep and memory_fraction(awake, 80.0) == pytest.approx(24 / 80)
+
+
+def test_sleep_mode_rollout_allowance_is_not_vllms_share_and_not_stacked_on_start_up():
+    p = plan(S3, 24, host_gib=125)
+    r = p.rollout_gib
+    # measured: evals in sleep mode ran 1.2 GiB above the model; it is the allocator's, not vLLM's
+    assert r["fragmentation"] == pytest.approx(1.2)
+    assert p.vllm_share_gib == pytest.approx(r["vllm_weights"] + r["kv_cache"] + r["vllm_overhead"])
+    # start-up (2.19 GiB of activations, no optimizer state on the GPU, before any sleep/wake)
+    # adds only what exceeds the 1.2 GiB the steady phase already counts
+    assert r["vllm_startup"] == pytest.approx(16_384 * 11 * (2048 + 11008) / GIB - 1.2)
+    awake = plan(S05, 80)
+    assert awake.rollout_gib["fragmentation"] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import pytest
 import torch
@@ -300,3 +301,13 @@ def _dequantized(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(autouse=True, scope="module")
 def quiet_torchao():
     logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+def test_a_missing_optimizer_package_is_a_one_line_error(monkeypatch):
+    from rlvr.optimizers import check_libraries
+
+    monkeypatch.setitem(sys.modules, "optimi", None)  # importing it now raises ImportError
+    with pytest.raises(ValueError, match=r"^--optim adamw_kahan needs a package that is not "
+                                         r"installed \(optimi\)"):
+        check_libraries("adamw_kahan")
+    check_libraries("adamw")  # torch's own: nothing to import
