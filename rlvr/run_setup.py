@@ -157,10 +157,13 @@ def card_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
-def host_ram_gib() -> float:
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def host_ram_gib(limit_files: tuple[str, ...] = CGROUP_LIMITS) -> float:
     """This machine's RAM, or the container's memory limit where that is lower (cgroup v2/v1)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in limit_files:
         try:
             ram = min(ram, int(Path(path).read_text().strip()))
         except (OSError, ValueError):  # absent, or "max" (no limit)

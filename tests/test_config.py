@@ -66,6 +66,7 @@ def run_cli(*args, timeout=60):
     (["--rollout_batch_size", "64", "--mini_batch_size", "48"], "multiple of --mini_batch_size"),
     (["--adam_betas", "0.9", "1.0"], "--adam_betas"),
     (["--gpu_memory_gb", "-3"], "--gpu_memory_gb must be > 0"),
+    (["--host_memory_gb", "0"], "--host_memory_gb must be > 0"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_loads(tmp_path, flags, fragment):
     t0 = time.perf_counter()
@@ -148,9 +149,11 @@ def test_resume_refuses_a_config_written_before_its_settings_existed(tmp_path, c
 
 
 def test_switches_of_one_invocation_are_not_carried_into_a_resume(tmp_path):
-    saved_run(tmp_path, debug=True)
+    saved_run(tmp_path, debug=True, compile=True)
     cfg = parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume"])
-    assert cfg.debug is False and cfg.dry_run is False
+    assert cfg.debug is False and cfg.dry_run is False and cfg.compile is False
+    assert parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume",
+                         "--compile"]).compile is True
 
 
 def test_a_resumed_run_keeps_the_optimizer_its_checkpoint_was_written_by(tmp_path,

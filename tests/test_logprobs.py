@@ -1,5 +1,7 @@
 """Packed (padding-free) batches give the padded batches' log-probs, entropies and gradients."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -255,3 +257,17 @@ def test_varlen_attention_path_equals_padded_with_checkpointing(tiny_model_dir, 
     # padded batches under the varlen name are plain sdpa, kernel untouched
     _assert_same(sdpa, _forward_backward(model, padded, coef, entropy_grad=True))
     assert calls == []
+
+
+def test_gpu_autocast_keeps_no_weight_cache_unless_asked():
+    """With a cache, autocast would hold a bf16 copy of every fp32 weight until the forward ends
+    (5.8 GiB at 3B) although checkpointing frees everything else; the HF engine's generate, one
+    context around many forwards, asks for it."""
+    from rlvr.logprobs import autocast_ctx
+
+    cuda = torch.device("cuda")  # building the context needs no GPU (torch warns without one)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        no_cache, cache = autocast_ctx(cuda), autocast_ctx(cuda, cache=True)
+    assert no_cache._cache_enabled is False and cache._cache_enabled is True
+    assert no_cache.fast_dtype == torch.bfloat16

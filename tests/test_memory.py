@@ -383,3 +383,14 @@ def test_sleep_mode_rollout_allowance_is_not_vllms_share_and_not_stacked_on_star
     assert r["vllm_startup"] == pytest.approx(16_384 * 11 * (2048 + 11008) / GIB - 1.2)
     awake = plan(S05, 80)
     assert awake.rollout_gib["fragmentation"] == 0
+
+
+def test_host_ram_is_the_containers_limit_where_that_is_lower(tmp_path):
+    from rlvr.run_setup import host_ram_gib
+
+    machine = host_ram_gib(limit_files=())
+    limit, unlimited = tmp_path / "memory.max", tmp_path / "unlimited"
+    limit.write_text(f"{3 * 2**30}\n")
+    unlimited.write_text("max\n")
+    assert host_ram_gib(limit_files=(str(limit),)) == pytest.approx(3.0)
+    assert host_ram_gib(limit_files=(str(unlimited), str(tmp_path / "absent"))) == machine
