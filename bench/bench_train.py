@@ -24,9 +24,7 @@ decoder layers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import inspect
 import itertools
 import json
 import os
@@ -56,9 +54,6 @@ from rlvr.training import (  # noqa: E402
 )
 
 N_PROMPTS, N_SAMPLES, MAX_TOKENS = 32, 2, 512
-# training.py takes `packed=` once the packing integration is in; until then this bench swaps
-# in pack() and the real-token budget the same way (see _layout)
-NATIVE_PACKED = "packed" in inspect.signature(policy_update).parameters
 
 
 @dataclass(frozen=True)
@@ -141,27 +136,6 @@ def make_batch(prompts: list[list[int]], kind: str) -> UpdateBatch:
     return UpdateBatch(prompts, responses, adv, keep)
 
 
-@contextlib.contextmanager
-def _layout(packed: bool):
-    """Keyword arguments for policy_update/compute_old_logprobs that select the layout."""
-    if not packed or NATIVE_PACKED:
-        yield {"packed": True} if packed else {}
-        return
-    saved = training.collate, training.micro_batches
-
-    def micro(idx, batch, max_tokens, max_samples=None):
-        groups = logprobs.token_budget_groups([batch.seq_len(i) for i in idx], max_tokens,
-                                              max_samples)
-        return [[idx[j] for j in g] for g in groups]
-
-    training.collate = lambda p, r, pad_id, device: logprobs.pack(p, r, device)
-    training.micro_batches = micro
-    try:
-        yield {}
-    finally:
-        training.collate, training.micro_batches = saved
-
-
 def computed_tokens(batch: UpdateBatch, row: Row) -> int:
     """Tokens the forward actually processes: padded rows pay for their padding."""
     idx = list(range(len(batch.responses)))
@@ -181,23 +155,29 @@ def configure(policy, row: Row) -> None:
     logprobs.LOGIT_CHUNK_TOKENS = row.chunk
 
 
+def one_update(policy, opt, batch: UpdateBatch, row: Row, pad_id: int, device,
+               gen: torch.Generator) -> None:
+    """The run's own update (pi_old from its own forward: one optimizer step on all samples)."""
+    policy_update(policy, opt, batch, None, temperature=1.0, clip_range=0.2,
+                  mini_batch_size=len(batch.responses), max_grad_norm=1.0, pad_id=pad_id,
+                  device=device, generator=gen, micro_batch_tokens=row.budget,
+                  packed=row.layout == "packed")
+
+
 def time_row(policy, opt, batch: UpdateBatch, row: Row, reps: int, pad_id: int,
              device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
     times, old_s = [], None
-    with _layout(row.layout == "packed") as kw:
-        for _ in range(reps + 1):
+    for _ in range(reps + 1):
+        t0 = now()
+        one_update(policy, opt, batch, row, pad_id, device, gen)
+        times.append(now() - t0)
+    if row.ckpt:
+        for _ in range(2):
             t0 = now()
-            policy_update(policy, opt, batch, None, temperature=1.0, clip_range=0.2,
-                          mini_batch_size=len(batch.responses), max_grad_norm=1.0,
-                          pad_id=pad_id, device=device, generator=gen,
-                          micro_batch_tokens=row.budget, **kw)
-            times.append(now() - t0)
-        if row.ckpt:
-            for _ in range(2):
-                t0 = now()
-                compute_old_logprobs(policy, batch, 1.0, row.budget, pad_id, device, **kw)
-                old_s = now() - t0
+            compute_old_logprobs(policy, batch, 1.0, row.budget, pad_id, device,
+                                 packed=row.layout == "packed")
+            old_s = now() - t0
     return {"first_s": times[0], "update_s": statistics.median(times[1:]), "old_s": old_s}
 
 
@@ -206,16 +186,11 @@ def profile_row(policy, opt, batch: UpdateBatch, row: Row, pad_id: int, device) 
     kernels by device time) and how much of the wall time the GPU is busy at all."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = torch.Generator().manual_seed(0)
-    with _layout(row.layout == "packed") as kw:
-        t0 = now()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            policy_update(policy, opt, batch, None, temperature=1.0, clip_range=0.2,
-                          mini_batch_size=len(batch.responses), max_grad_norm=1.0,
-                          pad_id=pad_id, device=device, generator=gen,
-                          micro_batch_tokens=row.budget, **kw)
-            torch.cuda.synchronize()
-        wall = now() - t0
+    t0 = now()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one_update(policy, opt, batch, row, pad_id, device, torch.Generator().manual_seed(0))
+        torch.cuda.synchronize()
+    wall = now() - t0
     events = prof.key_averages()
     kernels = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
@@ -241,8 +216,7 @@ def run_shape(shape: str, args, peak: float, used: UsedMemory, out: dict, save) 
     batches = {k: make_batch(prompts, k) for k in ("full", "mix")}
     rows = grid_rows(args) if args.grid else default_rows(shape)
     out.update(shape=shape, params=n_params, packed_attention=attn, rows=[])
-    print(f"\n{shape}: {n_params / 1e6:.0f} M params, packed attention {attn}, "
-          f"{'native' if NATIVE_PACKED else 'patched-in'} packing", flush=True)
+    print(f"\n{shape}: {n_params / 1e6:.0f} M params, packed attention {attn}", flush=True)
     print(HEADER, flush=True)
     # compiled rows last: eager rows then need no un-compiling, and compile runs once
     for row in sorted(rows, key=lambda r: ("ref", "eager", "head", "all").index(r.compile)):
@@ -317,7 +291,7 @@ def main() -> None:
     used = UsedMemory()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "peak_bf16_tflops": peak,
-               "native_packed": NATIVE_PACKED, "shapes": []}
+               "shapes": []}
     print(f"{results['device']}, torch {torch.__version__}, bf16 peak {peak:.0f} TFLOP/s")
     def save() -> None:
         if args.out:
