@@ -19,6 +19,7 @@ samples each optimizer step sees and what its loss is divided by.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,24 +93,28 @@ def clipped_policy_loss(
 @torch.no_grad()
 def ratio_stats(
     logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, clip_range: float
-) -> dict[str, float]:
-    """Sums for the clip fraction and ratio statistics over masked tokens (add across batches).
+) -> dict[str, torch.Tensor]:
+    """Sums for the clip fraction and ratio statistics over masked tokens, as 0-d float tensors
+    on logp's device (add across batches). Nothing here reads a value back: on a GPU each read
+    waits for the backward in flight, so the caller reads once per optimizer step.
 
     `n_clipped` counts tokens whose ratio lies outside [1 - eps, 1 + eps]; clip_frac is
-    n_clipped / n_tokens.
+    n_clipped / n_tokens. Without masked tokens the max is -inf and the min +inf.
     """
     m = mask.bool()
-    if not m.any():
-        return {"n_clipped": 0.0, "n_tokens": 0.0, "ratio_sum": 0.0, "ratio_max": 1.0,
-                "ratio_min": 1.0}
-    ratio = torch.exp(logp.float() - old_logp.float())[m]
-    outside = (ratio < 1.0 - clip_range) | (ratio > 1.0 + clip_range)
+    if m.numel() == 0:  # no response positions at all (max/min of nothing would raise)
+        z = logp.new_zeros((), dtype=torch.float32)
+        return {"n_clipped": z, "n_tokens": z, "ratio_sum": z, "ratio_max": z - math.inf,
+                "ratio_min": z + math.inf}
+    ratio = torch.exp(logp.float() - old_logp.float())
+    outside = ((ratio < 1.0 - clip_range) | (ratio > 1.0 + clip_range)) & m
     return {
-        "n_clipped": float(outside.sum().item()),
-        "n_tokens": float(m.sum().item()),
-        "ratio_sum": float(ratio.sum().item()),
-        "ratio_max": float(ratio.max().item()),
-        "ratio_min": float(ratio.min().item()),
+        "n_clipped": outside.sum().float(),
+        "n_tokens": m.sum().float(),
+        # where, not a product with the mask: a padding position's ratio may be inf
+        "ratio_sum": torch.where(m, ratio, 0.0).sum(),
+        "ratio_max": torch.where(m, ratio, -math.inf).max(),
+        "ratio_min": torch.where(m, ratio, math.inf).min(),
     }
 
 

@@ -115,6 +115,34 @@ def _padded(rows: list[torch.Tensor | list[float]], like: torch.Tensor) -> torch
     return out
 
 
+class _MiniBatchSums:
+    """One mini-batch's loss and statistics, summed on the device. Reading a GPU value waits for
+    the work queued before it, so reading these after every micro-batch (~9 reads) would stall
+    the CPU behind each backward; they are read once, with the gradient norm, per optimizer step."""
+
+    SUMS = ("loss", "entropy", "n_clipped", "n_tokens", "ratio_sum")
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = {k: torch.zeros((), device=device) for k in self.SUMS}
+        self.ratio_max = torch.full((), -math.inf, device=device)
+        self.ratio_min = torch.full((), math.inf, device=device)
+
+    def add(self, loss: torch.Tensor, entropy_sum: torch.Tensor,
+            ratio: dict[str, torch.Tensor]) -> None:
+        self.sums["loss"] += loss.detach().float()
+        self.sums["entropy"] += entropy_sum.detach().float()
+        for k in ("n_clipped", "n_tokens", "ratio_sum"):
+            self.sums[k] += ratio[k]
+        self.ratio_max = torch.maximum(self.ratio_max, ratio["ratio_max"])
+        self.ratio_min = torch.minimum(self.ratio_min, ratio["ratio_min"])
+
+    def read(self, grad_norm: torch.Tensor) -> dict[str, float]:
+        """The one GPU sync of the optimizer step."""
+        vals = torch.stack([*self.sums.values(), self.ratio_max, self.ratio_min,
+                            grad_norm.detach().float().to(self.ratio_max.device)]).tolist()
+        return dict(zip((*self.SUMS, "ratio_max", "ratio_min", "grad_norm"), vals))
+
+
 class _Stats:
     """Running sums of what one step's update reports."""
 
@@ -125,11 +153,19 @@ class _Stats:
                       "ratio_max": -math.inf, "ratio_min": math.inf}
         self.mismatch: list[dict[str, float]] = []
 
-    def add_ratio(self, r: dict[str, float]) -> None:
+    def add_minibatch(self, r: dict[str, float]) -> None:
+        """Ratio and entropy figures of every mini-batch (a non-finite one included); the loss
+        and gradient norm only of those that stepped (`add_update`)."""
         self.ratio["ratio_max"] = max(self.ratio["ratio_max"], r["ratio_max"])
         self.ratio["ratio_min"] = min(self.ratio["ratio_min"], r["ratio_min"])
         for k in ("n_clipped", "n_tokens", "ratio_sum"):
             self.ratio[k] += r[k]
+        self.entropy += r["entropy"]
+
+    def add_update(self, r: dict[str, float]) -> None:
+        self.loss += r["loss"]
+        self.grad_norm += r["grad_norm"]
+        self.n_updates += 1
 
     def result(self, n_skipped_empty: int) -> dict[str, float]:
         n_up, n_tok = max(self.n_updates, 1), self.ratio["n_tokens"]
@@ -181,7 +217,7 @@ def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Ten
     model.train()
     for mini in schedule:
         optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
+        sums = _MiniBatchSums(device)
         for micro in micro_batches(mini.indices, batch, micro_batch_tokens, micro_batch_size,
                                    packed=packed):
             b = _batch(batch, micro, pad_id, device, packed)
@@ -201,19 +237,17 @@ def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Ten
                                      entropy_coef=entropy_coef, ref_logp=ref, kl_coef=kl_coef)
             loss = (per_tok * mask).sum() / mini.normalizer
             loss.backward()
-            loss_total += loss.item()
-            stats.add_ratio(ratio_stats(logp, old, mask, clip_range))
-            stats.entropy += (entropy.detach() * mask).sum().item()
-            if sampler is not None:
+            sums.add(loss, (entropy.detach() * mask).sum(), ratio_stats(logp, old, mask,
+                                                                        clip_range))
+            if sampler is not None:  # gap figures: read per micro-batch, on the few steps with them
                 stats.mismatch.append(mismatch_stats(old, sampler, mask, weights))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
-        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+        got = sums.read(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        stats.add_minibatch(got)
+        if not (math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])):
             optimizer.zero_grad(set_to_none=True)
             stats.n_nonfinite += 1
             continue
         optimizer.step()
-        stats.loss += loss_total
-        stats.grad_norm += grad_norm
-        stats.n_updates += 1
+        stats.add_update(got)
     optimizer.zero_grad(set_to_none=True)
     return stats.result(n_possible - len(schedule))

@@ -120,3 +120,28 @@ def test_optimizer_state_is_allocated_up_front_and_the_first_step_is_a_true_firs
         opt.step()
     for a, b in zip(pre.parameters(), fresh.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 4])
+def test_reported_loss_entropy_and_ratios_are_the_mini_batch_figures(model, micro_batch_size):
+    # Summed on the device and read once per optimizer step: the figures must still be those of
+    # the whole mini-batch, however it is cut into micro-batches.
+    adv, keep = compute_advantages(CORRECT, "W_REINFORCE", lam=0.1, group_size=2)
+    b = collate(PROMPTS, RESPONSES, PAD, CPU)
+    with torch.no_grad():
+        logp, ent = token_logprobs(model, b, 1.0, with_entropy=True)
+    mask = b["response_mask"].float()
+    n_tok = mask.sum()
+    # one update at ratio 1: the loss is the token mean of -A, the entropy the token mean of H
+    want_loss = ((-adv.unsqueeze(-1) * mask).sum() / n_tok).item()
+    want_ent = ((ent * mask).sum() / n_tok).item()
+    opt = make_optimizer(model, lr=0.0, weight_decay=0.0)
+    s = policy_update(model, opt, UpdateBatch(PROMPTS, RESPONSES, adv, keep), None,
+                      temperature=1.0, clip_range=0.2, mini_batch_size=4,
+                      micro_batch_size=micro_batch_size, max_grad_norm=1.0, pad_id=PAD,
+                      device=CPU, generator=torch.Generator().manual_seed(0))
+    assert s["n_updates"] == 1 and s["train_tokens"] == n_tok.item() == 16
+    assert s["loss"] == pytest.approx(want_loss, abs=1e-6)
+    assert s["entropy"] == pytest.approx(want_ent, rel=1e-4)
+    assert s["ratio_mean"] == s["ratio_max"] == s["ratio_min"] == 1.0 and s["clip_frac"] == 0.0
+    assert s["grad_norm"] > 0

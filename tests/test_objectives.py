@@ -126,9 +126,12 @@ def test_normalizer_makes_micro_batches_sum_to_the_mini_batch_mean():
 
 def test_ratio_stats_counts_tokens_outside_the_clip_range():
     old = torch.zeros(1, 4)
-    logp = torch.log(torch.tensor([[1.0, 1.3, 0.7, 1.1]]))
-    s = ratio_stats(logp, old, torch.tensor([[1, 1, 1, 0]]), 0.2)
-    assert s["n_tokens"] == 3 and s["n_clipped"] == 2
+    # the padding position's ratio is inf: it must not leak into the sums
+    logp = torch.log(torch.tensor([[1.0, 1.3, 0.7, 1.0]]))
+    logp[0, 3] = 1e4
+    s = {k: v.item() for k, v in ratio_stats(logp, old, torch.tensor([[1, 1, 1, 0]]),
+                                              0.2).items()}
+    assert s["n_tokens"] == 3 and s["n_clipped"] == 2 and s["ratio_sum"] == pytest.approx(3.0)
     assert s["ratio_max"] == pytest.approx(1.3) and s["ratio_min"] == pytest.approx(0.7)
 
 
