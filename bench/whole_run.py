@@ -48,8 +48,8 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
     steps = [ln for ln in lines if "time/step_s" in ln]
     evals = [ln for ln in lines if "time/eval_s" in ln]
     timed_steps = steps[2:] or steps
-    keys = ("time/step_s", "time/rollout_s", "time/reward_s", "time/train_s", "time/sync_s",
-            "train/response_len", "mem/peak_gb")
+    keys = ("time/step_s", "time/rollout_s", "time/reward_s", "time/train_s", "time/update_s",
+            "time/sync_s", "train/response_len", "mem/peak_gb")
     med = {k.replace("/", "_"): statistics.median(ln[k] for ln in timed_steps) for k in keys}
     eval_s = statistics.median(ln["time/eval_s"] for ln in evals[1:] or evals)
     loop_s = sum(ln["time/step_s"] for ln in steps) + sum(ln["time/eval_s"] for ln in evals)
@@ -135,7 +135,8 @@ def main() -> None:
           f"{plan.get('optim')}, ckpt {plan.get('gradient_checkpointing')}, sleep "
           f"{plan.get('sleep')}, micro-batch {plan.get('micro_batch_tokens')} tokens, planned "
           f"peak {plan.get('planned_peak_gib')} GiB")
-    for k in ("time_step_s", "time_rollout_s", "time_reward_s", "time_train_s", "time_sync_s",
+    for k in ("time_step_s", "time_rollout_s", "time_reward_s", "time_train_s", "time_update_s",
+              "time_sync_s",
               "eval_s", "startup_s", "final_save_s", "train_response_len", "mem_peak_gb",
               "process_peak_gib", "checkpoint_gb", "final_model_gb",
               "projected_80_steps_9_evals_s"):

@@ -153,7 +153,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     run.engine.sleep()
     if run.device.type == "cuda":
         torch.cuda.empty_cache()  # the rollout's cached blocks must not sit between activations
+    t["update_start"] = time.perf_counter()
     upd = update_policy(run, batch)
+    t["update_end"] = time.perf_counter()
     sample_memory(run)
     t["train"] = time.perf_counter()
     # 5. sync weights into the rollout engine
@@ -184,6 +186,9 @@ def step_metrics(run: Run, comps, correct, keep, graded, upd: dict, t: dict) -> 
         "train/epoch": run.sampler.epoch,
         "time/rollout_s": t["rollout"] - t["start"], "time/reward_s": t["reward"] - t["rollout"],
         "time/train_s": t["train"] - t["reward"], "time/sync_s": t["sync"] - t["train"],
+        # of train_s: the forward/backward passes and optimizer steps alone (the rest is vLLM's
+        # sleep, emptying torch's cache and the memory samples)
+        "time/update_s": t["update_end"] - t["update_start"],
         "time/step_s": step_s,
         "perf/tokens_per_s": n_gen / step_s,
         "perf/rollout_tokens_per_s": n_gen / max(t["rollout"] - t["start"], 1e-9),

@@ -13,8 +13,8 @@ REQUIRED_TAGS = [
     "train/reward_mean", "train/samples_kept", "train/loss", "train/grad_norm", "train/entropy",
     "train/clip_frac", "train/ratio_max", "train/response_len", "train/truncated_frac",
     "train/no_signal_frac", "train/skipped_prompts", "eval/pass@1", "eval/pass@1_se",
-    "eval/pass@2", "time/rollout_s", "time/reward_s", "time/train_s", "time/sync_s",
-    "time/eval_s", "perf/tokens_per_s", "mem/peak_gb",
+    "eval/pass@2", "time/rollout_s", "time/reward_s", "time/train_s", "time/update_s",
+    "time/sync_s", "time/eval_s", "perf/tokens_per_s", "mem/peak_gb",
 ]
 
 
