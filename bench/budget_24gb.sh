@@ -6,15 +6,18 @@
 # per-process figure, mem/process_peak_gb in metrics.jsonl). Speeds are NOT comparable: three runs
 # share one GPU and the host's cores. Usage (on the GPU machine, after bench/device_env.sh):
 #   [SHAPES="1.5B 3B"] [LIMIT_S=500] bash bench/budget_24gb.sh $OUT [steps]   (LIMIT_S: wall limit per run)
+# A shape may carry flags of its own after "@", comma-separated: SHAPES="0.5B@--optim=adamw_kahan,--vllm_sleep=true"
 OUT=${1:-/tmp/out}; STEPS=${2:-30}
-for S in ${SHAPES:-0.5B 1.5B 3B}; do
+for R in ${SHAPES:-0.5B 1.5B 3B}; do
+  S=${R%%@*}; FLAGS=""; [[ $R == *@* ]] && FLAGS=${R#*@} && FLAGS=${FLAGS//,/ }
   timeout ${LIMIT_S:-500} python bench/whole_run.py --shape $S --steps $STEPS --runs_dir /tmp/runs24_$S \
-    --out "$OUT/b24_$S.json" -- --eval_limit 100 --gpu_memory_gb 24 > "$OUT/b24_$S.log" 2>&1 &
+    --out "$OUT/b24_$S.json" -- --eval_limit 100 --gpu_memory_gb 24 $FLAGS > "$OUT/b24_$S.log" 2>&1 &
   sleep 20  # start-ups apart: model builds and vLLM compiles compete for the CPU
 done
 wait
-for S in ${SHAPES:-0.5B 1.5B 3B}; do
-  python - "$S" /tmp/runs24_$S/*/metrics.jsonl <<'PY'
+for R in ${SHAPES:-0.5B 1.5B 3B}; do
+  S=${R%%@*}
+  python - "$R" /tmp/runs24_$S/*/metrics.jsonl <<'PY'
 import json, sys
 shape, rows = sys.argv[1], [json.loads(x) for f in sys.argv[2:] for x in open(f)]
 peaks = [r[k] for r in rows for k in ("mem/process_peak_gb", "mem/eval_process_peak_gb") if k in r]
