@@ -202,6 +202,10 @@ def profile_row(policy, opt, batch: UpdateBatch, row: Row, pad_id: int, device) 
                  key=lambda e: -e.self_cpu_time_total)[:8]
     print("  top CPU ops (self): " + ", ".join(
         f"{e.key[:40]} {e.self_cpu_time_total / 1e3:.0f} ms" for e in cpu), flush=True)
+    syncs = [e for e in events if "Synchronize" in e.key and e.device_type.name == "CPU"]
+    print("  host waits on the GPU: " + (", ".join(
+        f"{e.key} {e.count}x {e.self_cpu_time_total / 1e3:.0f} ms" for e in syncs) or "none"),
+        flush=True)
 
 
 def run_shape(shape: str, args, peak: float, used: UsedMemory, out: dict, save) -> None:
