@@ -10,14 +10,15 @@
 OUT=${1:-/tmp/out}; STEPS=${2:-30}
 for R in ${SHAPES:-0.5B 1.5B 3B}; do
   S=${R%%@*}; FLAGS=""; [[ $R == *@* ]] && FLAGS=${R#*@} && FLAGS=${FLAGS//,/ }
-  timeout ${LIMIT_S:-500} python bench/whole_run.py --shape $S --steps $STEPS --runs_dir /tmp/runs24_$S \
-    --out "$OUT/b24_$S.json" -- --eval_limit 100 --gpu_memory_gb 24 $FLAGS > "$OUT/b24_$S.log" 2>&1 &
+  T=${R//[^A-Za-z0-9.]/_}  # one name per entry: the same shape may run with and without flags
+  timeout ${LIMIT_S:-500} python bench/whole_run.py --shape $S --steps $STEPS --runs_dir /tmp/runs24_$T \
+    --out "$OUT/b24_$T.json" -- --eval_limit 100 --gpu_memory_gb 24 $FLAGS > "$OUT/b24_$T.log" 2>&1 &
   sleep 20  # start-ups apart: model builds and vLLM compiles compete for the CPU
 done
 wait
 for R in ${SHAPES:-0.5B 1.5B 3B}; do
-  S=${R%%@*}
-  python - "$R" /tmp/runs24_$S/*/metrics.jsonl <<'PY'
+  T=${R//[^A-Za-z0-9.]/_}
+  python - "$R" /tmp/runs24_$T/*/metrics.jsonl <<'PY'
 import json, sys
 shape, rows = sys.argv[1], [json.loads(x) for f in sys.argv[2:] for x in open(f)]
 peaks = [r[k] for r in rows for k in ("mem/process_peak_gb", "mem/eval_process_peak_gb") if k in r]
@@ -26,5 +27,5 @@ plan = [r["mem/planned_peak_gb"] for r in rows if "mem/planned_peak_gb" in r]
 print(f"{shape} @24: {len(steps)} steps, process peak {max(peaks):.2f} GiB (per record "
       f"{min(peaks):.2f}-{max(peaks):.2f}), planned {plan[-1] if plan else '?'} GiB")
 PY
-  grep -m1 -A1 "^planned peak" "$OUT/b24_$S.log"; grep -m3 -i "error\|Traceback" "$OUT/b24_$S.log"
+  grep -m1 -A1 "^planned peak" "$OUT/b24_$T.log"; grep -m3 -i "error\|Traceback" "$OUT/b24_$T.log"
 done

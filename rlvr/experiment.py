@@ -155,6 +155,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         torch.cuda.empty_cache()  # the rollout's cached blocks must not sit between activations
     t["update_start"] = time.perf_counter()
     upd = update_policy(run, batch)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()  # the last optimizer step's kernels belong to the update
     t["update_end"] = time.perf_counter()
     sample_memory(run)
     t["train"] = time.perf_counter()

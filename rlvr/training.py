@@ -108,17 +108,20 @@ def _batch(batch: UpdateBatch, idx: list[int], pad_id: int, device: torch.device
 
 
 def _padded(rows: list[torch.Tensor | list[float]], like: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(like)
+    """rows left-aligned in a zero tensor shaped like `like`, built on the host and copied to
+    its device in one non-blocking copy (a blocking copy would wait for the GPU's queue)."""
+    out = torch.zeros(like.shape, dtype=like.dtype)
     for j, r in enumerate(rows):
         r = torch.as_tensor(r, dtype=out.dtype)
-        out[j, :len(r)] = r.to(out.device)
-    return out
+        out[j, :len(r)] = r
+    return out.to(like.device, non_blocking=True)
 
 
 class _MiniBatchSums:
     """One mini-batch's loss and statistics, summed on the device. Reading a GPU value waits for
     the work queued before it, so reading these after every micro-batch (~9 reads) would stall
-    the CPU behind each backward; they are read once, with the gradient norm, per optimizer step."""
+    the CPU behind each backward; they are read once, with the gradient norm, per optimizer step
+    (and the micro-batch's host-to-GPU copies are non-blocking, for the same reason)."""
 
     SUMS = ("loss", "entropy", "n_clipped", "n_tokens", "ratio_sum")
 
@@ -133,8 +136,9 @@ class _MiniBatchSums:
         self.sums["entropy"] += entropy_sum.detach().float()
         for k in ("n_clipped", "n_tokens", "ratio_sum"):
             self.sums[k] += ratio[k]
-        self.ratio_max = torch.maximum(self.ratio_max, ratio["ratio_max"])
-        self.ratio_min = torch.minimum(self.ratio_min, ratio["ratio_min"])
+        # fmax/fmin skip a NaN micro-batch's extremes, as Python's max/min did before
+        self.ratio_max = torch.fmax(self.ratio_max, ratio["ratio_max"])
+        self.ratio_min = torch.fmin(self.ratio_min, ratio["ratio_min"])
 
     def read(self, grad_norm: torch.Tensor) -> dict[str, float]:
         """The one GPU sync of the optimizer step."""
@@ -232,7 +236,8 @@ def policy_update(model, optimizer, batch: UpdateBatch, old_logp: list[torch.Ten
             weights = (rollout_is_weights(old, sampler, mask, rollout_is, rollout_is_cap)
                        if rollout_is != "none" else None)
             ref = _padded([ref_logp[i] for i in micro], mask) if kl_coef else None
-            per_tok = per_token_loss(logp, old, batch.advantages[micro].to(device), clip_range,
+            adv = batch.advantages[micro].to(device, non_blocking=True)
+            per_tok = per_token_loss(logp, old, adv, clip_range,
                                      is_weights=weights, entropy=entropy,
                                      entropy_coef=entropy_coef, ref_logp=ref, kl_coef=kl_coef)
             loss = (per_tok * mask).sum() / mini.normalizer

@@ -6,7 +6,7 @@ import torch
 
 from rlvr.logprobs import collate, token_logprobs
 from rlvr.modeling import load_policy
-from rlvr.objectives import compute_advantages
+from rlvr.objectives import compute_advantages, minibatch_schedule, per_token_loss, ratio_stats
 from rlvr.training import UpdateBatch, compute_old_logprobs, make_optimizer, policy_update
 
 CPU = torch.device("cpu")
@@ -145,3 +145,48 @@ def test_reported_loss_entropy_and_ratios_are_the_mini_batch_figures(model, micr
     assert s["entropy"] == pytest.approx(want_ent, rel=1e-4)
     assert s["ratio_mean"] == s["ratio_max"] == s["ratio_min"] == 1.0 and s["clip_frac"] == 0.0
     assert s["grad_norm"] > 0
+
+
+def _padded_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like)
+    for j, r in enumerate(rows):
+        out[j, :len(r)] = r
+    return out
+
+
+@pytest.mark.parametrize("nan_sample,mini", [(None, 2), (1, 2), (1, 4)])
+def test_reported_figures_over_several_mini_and_micro_batches(model, nan_sample, mini):
+    # pi_old shifted so that ratios spread over [e^-0.3, e^0.3] and some leave the clip range;
+    # lr 0 keeps the policy put, so every mini-batch sees the log-probs computed here
+    adv, keep = compute_advantages(CORRECT, "W_REINFORCE", lam=0.1, group_size=2)
+    batch = UpdateBatch(PROMPTS, RESPONSES, adv, keep)
+    old, _ = compute_old_logprobs(model, batch, 1.0, 32, PAD, CPU)
+    old = [o + torch.linspace(-0.3, 0.3, len(o)) for o in old]
+    if nan_sample is not None:  # its mini-batch is skipped; its NaN must not hide the others'
+        old[nan_sample] = torch.full_like(old[nan_sample], float("nan"))
+    b = collate(PROMPTS, RESPONSES, PAD, CPU)
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, b, 1.0)
+    mask, old_pad = b["response_mask"], _padded_rows(old, b["response_mask"])
+    finite = [i for i in range(4) if i != nan_sample]
+    want = {k: v.item() for k, v in ratio_stats(logp[finite], old_pad[finite], mask[finite],
+                                                0.2).items()}
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    schedule = minibatch_schedule(keep.tolist(), [len(r) for r in RESPONSES], mini, "paper",
+                                  order)
+    per_tok = per_token_loss(logp, old_pad, adv, 0.2)
+    losses = [((per_tok[m.indices] * mask[m.indices]).sum() / m.normalizer).item()
+              for m in schedule if nan_sample not in m.indices]
+    s = policy_update(model, make_optimizer(model, lr=0.0, weight_decay=0.0), batch, old,
+                      temperature=1.0, clip_range=0.2, mini_batch_size=mini, micro_batch_size=1,
+                      max_grad_norm=1.0, pad_id=PAD, device=CPU,
+                      generator=torch.Generator().manual_seed(0))
+    assert s["n_updates"] == len(losses) and s["nonfinite_minibatches"] == 4 // mini - len(losses)
+    if losses:
+        assert s["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert 0 < want["n_clipped"] < want["n_tokens"]
+    assert s["ratio_max"] == pytest.approx(want["ratio_max"], rel=1e-5)
+    assert s["ratio_min"] == pytest.approx(want["ratio_min"], rel=1e-5)
+    assert s["clip_frac"] == pytest.approx(want["n_clipped"] / s["train_tokens"])
+    if nan_sample is None:
+        assert s["ratio_mean"] == pytest.approx(want["ratio_sum"] / want["n_tokens"], rel=1e-5)

@@ -260,3 +260,13 @@ def test_masked_is_weights_are_sequence_ratios_and_mask_sequences_over_the_cap()
     stats = finish_mismatch_stats([mismatch_stats(old, sampler, mask, w)])
     assert stats["train/logp_gap_max"] == pytest.approx(0.6, rel=1e-6)
     assert stats["train/is_masked_frac"] == 0.5
+
+
+def test_ratio_stats_without_response_tokens_give_no_extremes():
+    # no masked token, or no position at all: nothing counted, and extremes that any real ratio
+    # replaces (the step reports 1.0 when it saw no token)
+    for shape in ((2, 3), (2, 0)):
+        s = {k: v.item() for k, v in ratio_stats(torch.zeros(shape), torch.zeros(shape),
+                                                  torch.zeros(shape), 0.2).items()}
+        assert s["n_tokens"] == s["n_clipped"] == s["ratio_sum"] == 0.0
+        assert s["ratio_max"] == -math.inf and s["ratio_min"] == math.inf
