@@ -59,6 +59,8 @@ def test_run_writes_tags_metrics_config_and_checkpoint(finished_run):
                for t in tags)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines if "train/loss" in ln] == [1, 2]
+    # the update's own time is a positive part of the train phase
+    assert all(0 < ln["time/update_s"] <= ln["time/train_s"] for ln in lines if "train/loss" in ln)
     assert lines[-1]["eval/pass@1"] == pytest.approx(tags["eval/pass@1"][2])
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["objective"] == "W_REINFORCE" and cfg["lambda_psr"] == 0.1
