@@ -10,7 +10,8 @@ Phases: rollout/eval = vLLM generating while the policy holds its weights and op
 while vLLM is awake, or asleep holding only its never-freed overhead. The planned peak is the
 larger of the two. The constants below are calibrated on the GPU measurements in
 docs/PERFORMANCE.md; re-fit them when new measurements come in (tests/test_memory.py holds them).
-The search over the choices, its notes and the refusal message are in rlvr/memory_search.py.
+The search over the choices is in rlvr/memory_search.py; its notes and the refusal message are in
+rlvr/memory_notes.py.
 """
 
 from __future__ import annotations

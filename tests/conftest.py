@@ -9,7 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MATH_DIR = REPO.parent / "shared/data/MATH"
-sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py, tests/gpu_common.py
+sys.path.insert(0, str(REPO))  # bench/models.py
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def random_qwen_05b(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The GPU tests' model directory and tokenizer texts (gpu_common.random_qwen_05b), built
+    once per session for all GPU test modules."""
+    from gpu_common import random_qwen_05b
+
+    return random_qwen_05b(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ of the Qwen2.5-0.5B shape stands in for the real one: these checks are about num
 so the weights need not be trained. Measured differences go to $RLVR_GPU_REPORT (JSON) if set.
 """
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +17,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.models import build_random_qwen, math_texts  # noqa: E402
+from gpu_common import report_fixture  # noqa: E402
+
 from rlvr.logprobs import autocast_ctx, collate, token_logprobs  # noqa: E402
 from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer  # noqa: E402
 from rlvr.prompts import encode_prompt  # noqa: E402
@@ -30,19 +29,12 @@ REPORT: dict[str, float] = {}
 TEMP = 0.7  # not 1, so a raw-vs-processed log-prob mix-up would show
 
 
-@pytest.fixture(scope="module", autouse=True)
-def write_report():
-    yield
-    if os.environ.get("RLVR_GPU_REPORT"):
-        Path(os.environ["RLVR_GPU_REPORT"]).write_text(json.dumps(REPORT, indent=2))
-    print("\nGPU report:", json.dumps(REPORT, indent=2))
+write_report = report_fixture(REPORT, "RLVR_GPU_REPORT", "GPU report")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    texts = math_texts("data/math_subset") or ["What is 1 + 1? The answer is 2."] * 200
-    root = Path(os.environ.get("RLVR_MODEL_ROOT", tmp_path_factory.mktemp("models")))
-    model_dir = build_random_qwen("0.5B", root / "0.5B", texts)
+def setup(random_qwen_05b):
+    model_dir, texts = random_qwen_05b
     tok = load_tokenizer(str(model_dir))
     policy = load_policy(str(model_dir), CUDA, gradient_checkpointing=False)
     # the KV cache sized in bytes, as the memory plan does (256 MiB: ~21k tokens of this shape)

@@ -8,8 +8,6 @@ differ by up to ~1.4 floors when their rounding is independent). A wrongly maske
 is checked to land well outside it. Numbers go to $RLVR_GPU_PACKING_REPORT (JSON) if set.
 """
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +19,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.models import build_random_qwen, math_texts  # noqa: E402
+from gpu_common import report_fixture  # noqa: E402
+
 from rlvr.attention import compile_decoder_layers, enable_packed_attention  # noqa: E402
 from rlvr.logprobs import (  # noqa: E402
     autocast_ctx,
@@ -42,20 +41,12 @@ PROMPT_LENS = (90, 120, 60, 100, 85, 110, 95, 70)
 RESP_LENS = (512, 350, 1, 200, 512, 37, 400, 0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def write_report():
-    yield
-    if os.environ.get("RLVR_GPU_PACKING_REPORT"):
-        Path(os.environ["RLVR_GPU_PACKING_REPORT"]).write_text(json.dumps(REPORT, indent=2))
-    print("\nGPU packing report:", json.dumps(REPORT, indent=2))
+write_report = report_fixture(REPORT, "RLVR_GPU_PACKING_REPORT", "GPU packing report")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    texts = math_texts("data/math_subset") or ["What is 1 + 1? The answer is 2."] * 200
-    root = Path(os.environ.get("RLVR_MODEL_ROOT", tmp_path_factory.mktemp("models")))
-    m = load_policy(str(build_random_qwen("0.5B", root / "0.5B", texts)), CUDA,
-                    gradient_checkpointing=False)
+def model(random_qwen_05b):
+    m = load_policy(str(random_qwen_05b[0]), CUDA, gradient_checkpointing=False)
     m.train()
     impl = enable_packed_attention(m)
     if impl != "varlen":

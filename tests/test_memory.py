@@ -1,5 +1,6 @@
-"""The memory plan (rlvr/memory.py, rlvr/memory_search.py): hand-computed sizes, the calibration
-against the GPU measurements of docs/PERFORMANCE.md, choices, refusals. Pure arithmetic, fast.
+"""The memory plan (rlvr/memory.py, memory_search.py, memory_notes.py): hand-computed sizes,
+the calibration against the GPU measurements of docs/PERFORMANCE.md, choices, refusals. Pure
+arithmetic, fast.
 
 `pytest tests/test_memory.py -s` also prints the plan tables for 0.5B/1.5B/3B/7B x 80/24 GiB.
 """

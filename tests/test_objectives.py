@@ -190,21 +190,21 @@ def test_batch_token_mean_decomposes_reinforce_into_psr_plus_nsr(mini):
     correct = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0])
     lengths = [3, 5, 2, 4, 6, 1, 5, 3]
     base = torch.randn(8, 6)
-    grads = {}
-    for obj in ("PSR", "NSR", "REINFORCE"):
-        logp = base.clone().requires_grad_(True)
-        adv, keep = compute_advantages(correct, obj)
-        _summed_loss(logp, adv, keep, lengths, "batch_token_mean", mini).backward()
-        grads[obj] = logp.grad
-    torch.testing.assert_close(grads["PSR"] + grads["NSR"], grads["REINFORCE"], rtol=0,
+
+    def grads(loss_agg: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for obj in ("PSR", "NSR", "REINFORCE"):
+            logp = base.clone().requires_grad_(True)
+            adv, keep = compute_advantages(correct, obj)
+            _summed_loss(logp, adv, keep, lengths, loss_agg, mini).backward()
+            out[obj] = logp.grad
+        return out
+
+    exact = grads("batch_token_mean")
+    torch.testing.assert_close(exact["PSR"] + exact["NSR"], exact["REINFORCE"], rtol=0,
                                atol=1e-7)
     # the paper's normaliser rescales each objective by its own kept share: no identity
-    paper = {}
-    for obj in ("PSR", "NSR", "REINFORCE"):
-        logp = base.clone().requires_grad_(True)
-        adv, keep = compute_advantages(correct, obj)
-        _summed_loss(logp, adv, keep, lengths, "paper", mini).backward()
-        paper[obj] = logp.grad
+    paper = grads("paper")
     assert not torch.allclose(paper["PSR"] + paper["NSR"], paper["REINFORCE"], atol=1e-4)
 
 
