@@ -21,6 +21,21 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
+def pin_triton_cache_dir(environ=os.environ) -> str:
+    """Fix Triton's cache directory for the process before vLLM starts (a user's own is kept).
+
+    Left unset, it is whatever the first compile makes it: when vLLM compiles the model (a new
+    model or config), inductor points it into that compile's directory; when vLLM loads the
+    compiled model from its cache, it stays Triton's default. vLLM's V2 runner JIT-compiles its
+    sampling kernels at every start, so the start after each new compile compiled all of them
+    again: 15-19 s of start-up on the H100 (docs/PERFORMANCE.md). Triton's own default path."""
+    home = environ.get("TRITON_HOME") or os.path.expanduser("~")
+    return environ.setdefault("TRITON_CACHE_DIR", os.path.join(home, ".triton", "cache"))
+
+
+pin_triton_cache_dir()
+
+
 def _load_weights_on_worker(worker, weights):
     """Runs inside the engine's worker (same process): copy tensors into the model in place."""
     worker.get_model().load_weights(weights)

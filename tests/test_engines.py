@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,18 @@ def test_chunks_draw_from_the_global_rng_without_reseeding(policy_and_tok):
     torch.manual_seed(0)
     assert sample() == first
     assert second != first
+
+
+
+def test_triton_cache_dir_is_pinned_to_tritons_default_and_a_users_choice_is_kept(tmp_path):
+    """vLLM's sampling kernels must find the last start's compiles wherever the model compile
+    went: without a fixed TRITON_CACHE_DIR the start after a new model compile recompiled them."""
+    from rlvr.vllm_engine import pin_triton_cache_dir
+
+    env = {"TRITON_HOME": str(tmp_path)}
+    assert pin_triton_cache_dir(env) == str(tmp_path / ".triton" / "cache")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / ".triton" / "cache")
+    env = {}
+    assert pin_triton_cache_dir(env) == str(Path.home() / ".triton" / "cache")
+    env = {"TRITON_CACHE_DIR": "/users/own", "TRITON_HOME": str(tmp_path)}
+    assert pin_triton_cache_dir(env) == "/users/own" and env["TRITON_CACHE_DIR"] == "/users/own"
