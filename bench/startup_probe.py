@@ -6,7 +6,7 @@ caches save:
     for i in 1 2 3; do python bench/startup_probe.py --shape 0.5B; done
     python bench/startup_probe.py --shape 0.5B --profile     # cProfile of warmup_kernels
 
-`warmup_kernels` (vLLM's V2 runner) JIT-compiles the Triton sampling kernels: ~16-19 s on an H100
+`warmup_kernels` (vLLM's V2 runner) JIT-compiles the Triton sampling kernels: 15-19 s on an H100
 when they are not in Triton's cache, ~0.3 s when they are (docs/PERFORMANCE.md, fourth round).
 Random weights with Qwen2.5 shapes (bench/models.py).
 """
@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile of warmup_kernels")
     args = ap.parse_args()
 
-    model_dir = build_random_qwen(args.shape, Path(args.model_root) / args.shape,
-                                  math_texts("data/math_subset"))
+    repo = Path(__file__).resolve().parents[1]
+    texts = math_texts(repo / "data/math_subset") or ["What is 1 + 1? The answer is 2."] * 200
+    model_dir = build_random_qwen(args.shape, Path(args.model_root) / args.shape, texts)
     import vllm.compilation.compiler_interface as compiler_interface
     import vllm.v1.worker.gpu_worker as gpu_worker
 

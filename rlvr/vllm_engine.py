@@ -28,7 +28,8 @@ def pin_triton_cache_dir(environ=os.environ) -> str:
     model or config), inductor points it into that compile's directory; when vLLM loads the
     compiled model from its cache, it stays Triton's default. vLLM's V2 runner JIT-compiles its
     sampling kernels at every start, so the start after each new compile compiled all of them
-    again: 15-19 s of start-up on the H100 (docs/PERFORMANCE.md). Triton's own default path."""
+    again: 15-19 s of start-up on the H100 (docs/PERFORMANCE.md). Triton's own default path.
+    Inductor sets the variable when unset, so this must run before anything compiles."""
     home = environ.get("TRITON_HOME") or os.path.expanduser("~")
     return environ.setdefault("TRITON_CACHE_DIR", os.path.join(home, ".triton", "cache"))
 
@@ -49,6 +50,7 @@ class VLLMEngine:
                  kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None):
         """`kv_cache_bytes` sizes the KV cache exactly (the memory plan's figure); without it vLLM
         takes `gpu_mem_util` of the card for weights + KV cache (0.9 when neither is given)."""
+        pin_triton_cache_dir()  # again: something may have imported this module and compiled since
         from vllm import LLM
 
         self.tokenizer = tokenizer

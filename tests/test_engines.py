@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,11 +134,21 @@ def test_chunks_draw_from_the_global_rng_without_reseeding(policy_and_tok):
     assert second != first
 
 
-
 def test_triton_cache_dir_is_pinned_to_tritons_default_and_a_users_choice_is_kept(tmp_path):
     """vLLM's sampling kernels must find the last start's compiles wherever the model compile
     went: without a fixed TRITON_CACHE_DIR the start after a new model compile recompiled them."""
-    from rlvr.vllm_engine import pin_triton_cache_dir
+    # importing the engine module sets vLLM's and Triton's variables for the process: keep them
+    # out of the tests that come after (some pass os.environ to subprocesses)
+    names = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_FLASHINFER_SAMPLER", "TRITON_CACHE_DIR")
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        from rlvr.vllm_engine import pin_triton_cache_dir
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     env = {"TRITON_HOME": str(tmp_path)}
     assert pin_triton_cache_dir(env) == str(tmp_path / ".triton" / "cache")
