@@ -136,9 +136,8 @@ def main() -> None:
           f"{plan.get('sleep')}, micro-batch {plan.get('micro_batch_tokens')} tokens, planned "
           f"peak {plan.get('planned_peak_gib')} GiB")
     for k in ("time_step_s", "time_rollout_s", "time_reward_s", "time_train_s", "time_update_s",
-              "time_sync_s",
-              "eval_s", "startup_s", "final_save_s", "train_response_len", "mem_peak_gb",
-              "process_peak_gib", "checkpoint_gb", "final_model_gb",
+              "time_sync_s", "eval_s", "startup_s", "final_save_s", "train_response_len",
+              "mem_peak_gb", "process_peak_gib", "checkpoint_gb", "final_model_gb",
               "projected_80_steps_9_evals_s"):
         v = r[k]
         print(f"  {k:<30} {v:>10.2f}" if isinstance(v, float) else f"  {k:<30} {v!s:>10}")

@@ -29,12 +29,10 @@ def pin_triton_cache_dir(environ=os.environ) -> str:
     compiled model from its cache, it stays Triton's default. vLLM's V2 runner JIT-compiles its
     sampling kernels at every start, so the start after each new compile compiled all of them
     again: 15-19 s of start-up on the H100 (docs/PERFORMANCE.md). Triton's own default path.
-    Inductor sets the variable when unset, so this must run before anything compiles."""
+    Called as vLLM starts (VLLMEngine), where its compiles happen; inductor sets the variable
+    when unset, so a compile earlier in the process would keep its own directory."""
     home = environ.get("TRITON_HOME") or os.path.expanduser("~")
     return environ.setdefault("TRITON_CACHE_DIR", os.path.join(home, ".triton", "cache"))
-
-
-pin_triton_cache_dir()
 
 
 def _load_weights_on_worker(worker, weights):
@@ -50,7 +48,7 @@ class VLLMEngine:
                  kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None):
         """`kv_cache_bytes` sizes the KV cache exactly (the memory plan's figure); without it vLLM
         takes `gpu_mem_util` of the card for weights + KV cache (0.9 when neither is given)."""
-        pin_triton_cache_dir()  # again: something may have imported this module and compiled since
+        pin_triton_cache_dir()
         from vllm import LLM
 
         self.tokenizer = tokenizer

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -134,21 +135,30 @@ def test_chunks_draw_from_the_global_rng_without_reseeding(policy_and_tok):
     assert second != first
 
 
-def test_triton_cache_dir_is_pinned_to_tritons_default_and_a_users_choice_is_kept(tmp_path):
+def test_triton_cache_dir_is_pinned_to_tritons_default_and_a_users_choice_is_kept(tmp_path,
+                                                                                 monkeypatch):
     """vLLM's sampling kernels must find the last start's compiles wherever the model compile
     went: without a fixed TRITON_CACHE_DIR the start after a new model compile recompiled them."""
-    # importing the engine module sets vLLM's and Triton's variables for the process: keep them
-    # out of the tests that come after (some pass os.environ to subprocesses)
-    names = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_FLASHINFER_SAMPLER", "TRITON_CACHE_DIR")
-    saved = {name: os.environ.get(name) for name in names}
-    try:
-        from rlvr.vllm_engine import pin_triton_cache_dir
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # what importing the engine module and starting it set is undone after the test (some later
+    # tests pass os.environ to subprocesses): setenv records the value to restore, delenv clears
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_FLASHINFER_SAMPLER",
+                 "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    # the engine pins it before vLLM is constructed (a stand-in vllm module records the moment)
+    seen = {}
+
+    def llm(**kwargs):
+        seen["dir"] = os.environ.get("TRITON_CACHE_DIR")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=llm))
+    from rlvr.vllm_engine import VLLMEngine, pin_triton_cache_dir
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        VLLMEngine("model", None, [0], max_model_len=8, seed=0)
+    assert seen["dir"] == str(tmp_path / ".triton" / "cache")
 
     env = {"TRITON_HOME": str(tmp_path)}
     assert pin_triton_cache_dir(env) == str(tmp_path / ".triton" / "cache")
