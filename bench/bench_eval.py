@@ -83,7 +83,7 @@ def bench_generation(engine, grader, problems, args) -> dict:
         path.unlink(missing_ok=True)
         t0 = now()
         res = run_eval(engine, grader, problems, n=args.n, temperature=args.temperature,
-                       top_p=args.top_p, max_tokens=args.max_tokens, model="bench",
+                       top_p=args.top_p, max_tokens=args.max_tokens, seed=0, model="bench",
                        chunk_samples=args.chunk_samples or DEFAULT_CHUNK_SAMPLES,
                        on_chunk=lambda recs: append_jsonl(path, recs), keep_records=False,
                        progress=sys.stdout, label="ours")

@@ -35,7 +35,8 @@ def install(engine, seed: int = 0) -> None:
 
     rng = random.Random(seed)
 
-    def generate(prompts, n, temperature, max_tokens, return_logprobs=False, top_p=1.0):
+    def generate(prompts, n, temperature, max_tokens, return_logprobs=False, top_p=1.0,
+                 seeds=None):
         engine._wake()
         flat = [p for p in prompts for _ in range(n)]
         params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=0,

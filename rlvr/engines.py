@@ -13,11 +13,12 @@ import torch
 
 from rlvr.logprobs import autocast_ctx
 from rlvr.rollout import Completion
+from rlvr.sampling import SEED_RANGE, RowSampler
 
 # Working memory one HF `generate` call may use (KV cache, prefill activations, logits) when the
 # engine runs on the CPU: with fp32 weights, AdamW state and the grader workers, a SmolLM2-135M
 # run then stays within an 8 GB machine. A constant, not a share of the free memory, so that the
-# chunking (and with it which samples the RNG stream gives) is the same on every run and resume.
+# chunking (and with it the padding, hence the last bits of the logits) is the same on every run.
 CPU_GENERATION_BUDGET_BYTES = 1 << 30
 # On a GPU, this share of the card (the HF engine only runs there when vLLM is not used).
 GPU_GENERATION_BUDGET_SHARE = 1 / 8
@@ -109,33 +110,38 @@ class HFEngine:
         self.memory_budget_bytes = memory_budget_bytes
         self.cost = GenerationCost.of(policy)
 
-    def _generation_config(self, temperature: float, max_tokens: int, scores: bool,
-                           top_p: float = 1.0):
+    def _generation_config(self, max_tokens: int, greedy_scores: bool):
         from transformers import GenerationConfig
 
-        greedy = temperature == 0
         # Every sampling knob is set explicitly: generate() fills unset (None) values first from
-        # the checkpoint's generation_config and then from global defaults (top_k 50).
+        # the checkpoint's generation_config and then from global defaults (top_k 50). It always
+        # runs greedily: sampling happens in RowSampler, which hands generate a one-hot score.
         return GenerationConfig(
-            do_sample=not greedy, temperature=1.0 if greedy else temperature, top_k=0, top_p=top_p,
+            do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
             min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
             no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, bad_words_ids=None,
             suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
             forced_eos_token_id=None, max_new_tokens=max_tokens, min_new_tokens=0,
             eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
-            output_scores=scores, return_dict_in_generate=True,
+            output_scores=greedy_scores, return_dict_in_generate=True,
         )
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 return_logprobs: bool = False, top_p: float = 1.0) -> list[list[Completion]]:
+                 return_logprobs: bool = False, top_p: float = 1.0,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
         model = self.policy
         device = next(model.parameters()).device
         budget = self.memory_budget_bytes or default_budget_bytes(device)
+        if seeds is None:
+            # callers that do not name their requests draw them from torch's global stream,
+            # which the run seeds once and every checkpoint saves
+            seeds = torch.randint(SEED_RANGE, (len(prompts),)).tolist()
         flat = [p for p in prompts for _ in range(n)]
+        flat_seeds = [s + j for s in seeds for j in range(n)]
         chunks = plan_chunks([len(p) for p in flat], max_tokens, return_logprobs, self.cost,
                              budget)
-        gen_config = self._generation_config(temperature, max_tokens, return_logprobs, top_p)
+        gen_config = self._generation_config(max_tokens, return_logprobs and temperature == 0)
         from transformers import GenerationConfig
 
         own_config, was_training = model.generation_config, model.training
@@ -143,13 +149,11 @@ class HFEngine:
         model.eval()
         completions: list[Completion | None] = [None] * len(flat)
         try:
-            # HF generate samples from torch's global RNG, which the run seeds once and every
-            # checkpoint saves, so a resumed run continues the same random stream (reseeding per
-            # call would restart it, and make seed s's call k+1 replay seed s+1's call k). The
-            # chunks draw from it one after the other; their plan depends only on the model, the
-            # lengths and the budget, so the same call always consumes the stream the same way.
             for chunk in chunks:
-                outs = self._generate_chunk([flat[i] for i in chunk], gen_config, device)
+                sampler = (None if temperature == 0 else
+                           RowSampler([flat_seeds[i] for i in chunk], temperature, top_p))
+                outs = self._generate_chunk([flat[i] for i in chunk], gen_config, device,
+                                            sampler, return_logprobs)
                 for i, c in zip(chunk, outs):
                     completions[i] = c
         finally:
@@ -157,7 +161,10 @@ class HFEngine:
             model.train(was_training)
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def _generate_chunk(self, flat: list[list[int]], gen_config, device) -> list[Completion]:
+    def _generate_chunk(self, flat: list[list[int]], gen_config, device,
+                        sampler: RowSampler | None, return_logprobs: bool) -> list[Completion]:
+        from transformers import LogitsProcessorList
+
         L = max(len(p) for p in flat)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(flat), L), pad, dtype=torch.long)
@@ -165,14 +172,17 @@ class HFEngine:
         for i, p in enumerate(flat):  # left padding: generation appends on the right
             ids[i, L - len(p):] = torch.tensor(p)
             attn[i, L - len(p):] = 1
+        processors = LogitsProcessorList([sampler] if sampler is not None else [])
         with autocast_ctx(device, cache=True):  # one bf16 copy per generate, not per token
             out = self.policy.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                       generation_config=gen_config)
+                                       generation_config=gen_config, logits_processor=processors)
         new = out.sequences[:, L:]
         step_logps = None
-        if gen_config.output_scores:
-            # generate's `scores` are the processed (post-temperature) logits of each step; one
-            # step at a time, so that no second [b, T, vocab] copy is ever made
+        if return_logprobs and sampler is not None:
+            step_logps = torch.stack(sampler.logprobs, 1)
+        elif return_logprobs:
+            # greedy: generate's `scores` are the raw logits of each step; one step at a time,
+            # so that no second [b, T, vocab] copy is ever made
             step_logps = torch.stack([
                 s.float().log_softmax(-1).gather(1, new[:, t:t + 1]).squeeze(1)
                 for t, s in enumerate(out.scores)], 1).cpu()

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from rlvr.evaluation import summarize_samples
 from rlvr.prompts import encode_prompt
 from rlvr.reward import BatchGrader, extract_boxed
+from rlvr.sampling import sampling_seed
 
 # Samples per chunk on vLLM: 32 full batches of its 512 sequences. Every chunk ends with a drain
 # in which fewer and fewer sequences are left decoding (the longest samples of the chunk), so a
@@ -140,11 +141,14 @@ def _records(model: str, chunk: list[EvalProblem], outs, scores: list[float]) ->
 
 
 def run_eval(engine, grader: BatchGrader, problems: list[EvalProblem], *, n: int,
-             temperature: float, top_p: float, max_tokens: int, model: str = "",
+             temperature: float, top_p: float, max_tokens: int, seed: int, model: str = "",
              chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
              on_chunk: Callable[[list[dict]], None] | None = None,
              keep_records: bool = True, progress=None, label: str = "") -> EvalResult:
     """n samples of every problem, graded; records and the [problem][sample] score matrix.
+
+    A problem's samples depend only on (seed, dataset, problem id) and the model: the same
+    whether it is evaluated alone, in another chunk, after a resume or on another rank.
 
     Chunk k+1 is generated while chunk k is graded (and handed to `on_chunk`) in one background
     thread: BatchGrader is called from that thread only. `progress` is a stream for the progress
@@ -188,7 +192,8 @@ def run_eval(engine, grader: BatchGrader, problems: list[EvalProblem], *, n: int
                 prog.chunk = k
                 t0 = time.perf_counter()
                 outs = engine.generate([p.prompt_ids for p in chunk], n=n,
-                                       temperature=temperature, max_tokens=max_tokens, top_p=top_p)
+                                       temperature=temperature, max_tokens=max_tokens, top_p=top_p,
+                                       seeds=[sampling_seed(seed, p.dataset, p.id) for p in chunk])
                 res.gen_s += time.perf_counter() - t0
                 res.n_tokens += sum(len(c.token_ids) for group in outs for c in group)
                 if pending is not None:  # at most one chunk waits for grading
@@ -328,7 +333,6 @@ def open_engine(backend: str, model_dir: str, tokenizer, *, max_model_len: int, 
                           max_num_seqs=max_num_seqs, gpu_mem_util=gpu_mem_util)
     from rlvr.modeling import load_policy
 
-    torch.manual_seed(seed)  # HF generate samples from torch's global RNG
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_policy(model_dir, device, False)
     return HFEngine(policy, tokenizer, eos)
@@ -372,7 +376,7 @@ def evaluate_model(job: dict) -> None:
         for dataset, problems in todo.items():
             res = run_eval(engine, grader, problems, n=proto["n"],
                            temperature=proto["temperature"], top_p=proto["top_p"],
-                           max_tokens=proto["max_tokens"], model=label,
+                           max_tokens=proto["max_tokens"], seed=proto["seed"], model=label,
                            chunk_samples=job.get("chunk_samples") or (
                                HF_CHUNK_SAMPLES if engine.name == "hf" else DEFAULT_CHUNK_SAMPLES),
                            on_chunk=lambda recs: append_jsonl(out / SAMPLES, recs),

@@ -40,6 +40,7 @@ from rlvr.run_setup import (
     select_eval_rows,
     write_config,
 )
+from rlvr.sampling import sampling_seed
 from rlvr.tracking import ProcessMemorySampler, RunLogger
 from rlvr.training import UpdateBatch, compute_old_logprobs, needs_old_logprobs, policy_update
 
@@ -134,7 +135,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     idx = run.sampler.next(cfg.prompts_per_step)
     outs = run.engine.generate([run.train.prompt_ids[i] for i in idx], n=k,
                                temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                               return_logprobs=wants_sampler_logprobs(cfg, run.engine.name, step))
+                               return_logprobs=wants_sampler_logprobs(cfg, run.engine.name, step),
+                               seeds=[sampling_seed(cfg.seed, "train", step, i) for i in idx])
     comps = [c for group in outs for c in group]
     t["rollout"] = time.perf_counter()
     # 2. score
@@ -234,8 +236,8 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
     greedy = cfg.eval_temperature == 0
     result = run_eval(run.engine, run.grader, run.evalset, n=1 if greedy else cfg.eval_n,
                       temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                      max_tokens=cfg.eval_max_tokens or cfg.max_tokens, progress=sys.stdout,
-                      label=f"step {at_step}", model=cfg.model_id)
+                      max_tokens=cfg.eval_max_tokens or cfg.max_tokens, seed=cfg.seed,
+                      progress=sys.stdout, label=f"step {at_step}", model=cfg.model_id)
     metrics = {f"eval/{k}": v for k, v in training_eval_metrics(result).items()}
     examples = eval_examples(result, cfg.n_eval_examples_logged)
     metrics["time/eval_s"] = time.perf_counter() - t0

@@ -24,12 +24,15 @@ class RolloutEngine(Protocol):
     name: str
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
-                 return_logprobs: bool = False, top_p: float = 1.0) -> list[list[Completion]]:
+                 return_logprobs: bool = False, top_p: float = 1.0,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
         """`n` completions for each prompt (token ids); temperature 0 means greedy.
 
         Sampling is exactly `temperature` and nucleus `top_p` (1.0 = the full distribution, as
         training needs), top-k off, no repetition penalty. `return_logprobs` asks for each sampled
-        token's log-prob under that processed distribution.
+        token's log-prob under that processed distribution. `seeds` (one per prompt, see
+        rlvr.sampling) makes each prompt's samples depend on its seed alone, whatever else is in
+        the call; without them the engine draws from its own seeded stream.
         """
 
     def sync_weights(self, policy: torch.nn.Module) -> None:

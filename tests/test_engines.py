@@ -15,6 +15,7 @@ from conftest import REPO
 
 from rlvr.engines import CPU_GENERATION_BUDGET_BYTES, GenerationCost, HFEngine, plan_chunks
 from rlvr.modeling import load_policy, load_tokenizer
+from rlvr.sampling import RowSampler, top_p_mask
 
 CPU = torch.device("cpu")
 
@@ -118,21 +119,64 @@ def test_chunked_generation_returns_each_prompt_its_own_completions(policy_and_t
         assert [[c.token_ids for c in group] for group in outs] == [[a, a] for a in alone]
 
 
-def test_chunks_draw_from_the_global_rng_without_reseeding(policy_and_tok):
-    """A run seeds torch once and checkpoints its RNG state: a call must neither reseed nor
-    depend on anything but that state, however it is chunked."""
+def test_unseeded_calls_draw_their_seeds_from_the_global_rng(policy_and_tok):
+    """Without named seeds, a call depends on torch's global state alone (which a run seeds once
+    and every checkpoint saves), never on how it is chunked."""
     policy, tok = policy_and_tok
-    engine = HFEngine(policy, tok, [], memory_budget_bytes=1)  # one sequence per chunk
     prompts = prompts_of_many_lengths()[:3]
 
-    def sample() -> list[list[int]]:
+    def sample(budget) -> list[list[int]]:
+        engine = HFEngine(policy, tok, [], memory_budget_bytes=budget)
         return [c.token_ids for g in engine.generate(prompts, 2, 1.0, 6) for c in g]
 
     torch.manual_seed(0)
-    first, second = sample(), sample()
+    first, second = sample(1), sample(1)
     torch.manual_seed(0)
-    assert sample() == first
+    assert sample(2**40) == first
     assert second != first
+
+
+def test_seeded_samples_depend_on_their_seed_alone(policy_and_tok):
+    """A prompt's samples are the same alone, among other prompts, in other chunks, and whatever
+    the global RNG holds: what makes resumed evals, data-parallel ranks and concurrent evals
+    equal to one uninterrupted process. Sample j uses seed + j, so samples of one prompt differ."""
+    policy, tok = policy_and_tok
+    prompts = prompts_of_many_lengths()
+    seeds = [11, 22, 33, 44, 55, 66]
+    together = HFEngine(policy, tok, [], memory_budget_bytes=2**40).generate(
+        prompts, 2, 1.0, 6, seeds=seeds)
+    torch.manual_seed(123)
+    apart = [HFEngine(policy, tok, [], memory_budget_bytes=1).generate([p], 2, 1.0, 6,
+                                                                          seeds=[s])[0]
+             for p, s in zip(prompts, seeds)]
+    assert [[c.token_ids for c in g] for g in together] == [[c.token_ids for c in g]
+                                                             for g in apart]
+    assert all(g[0].token_ids != g[1].token_ids for g in together)
+    other = HFEngine(policy, tok, []).generate(prompts[:1], 2, 1.0, 6, seeds=[12])
+    assert other[0][0].token_ids != together[0][0].token_ids
+
+
+def test_row_sampler_draws_by_inverse_cdf_from_the_processed_distribution():
+    """Temperature, then the nucleus, then the row's own uniform draw through the CDF."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    masked = top_p_mask(logits, 0.8)  # 0.5 + 0.3 reach 0.8: the rest is cut
+    assert torch.isinf(masked[0, 2:]).all() and torch.equal(masked[0, :2], logits[0, :2])
+    assert torch.equal(top_p_mask(logits, 0.5)[0, 1:].isinf(), torch.tensor([True] * 3))
+    assert torch.equal(top_p_mask(logits, 1.0), logits)
+    u = torch.rand((), generator=torch.Generator().manual_seed(5)).item()
+    sampler = RowSampler([5], temperature=1.0, top_p=0.8)
+    out = sampler(None, logits.clone())
+    # renormalised nucleus: token 0 with 0.625, token 1 with 0.375
+    want = 0 if u < 0.625 else 1
+    assert out[0].argmax().item() == want and torch.isinf(out[0]).sum() == 3
+    torch.testing.assert_close(sampler.logprobs[0], torch.log(torch.tensor([[0.625, 0.375][want]])))
+    # temperature 0.5 squares the odds: 0.5^2 : 0.3^2 : 0.15^2 : 0.05^2
+    hot = RowSampler([5], temperature=0.5)
+    hot(None, logits.clone())
+    p = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
+    p = p / p.sum()
+    token = int((p.cumsum(0) <= u).sum())
+    torch.testing.assert_close(hot.logprobs[0].exp(), p[[token]])
 
 
 def test_triton_cache_dir_is_pinned_to_tritons_default_and_a_users_choice_is_kept(tmp_path,

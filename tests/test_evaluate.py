@@ -146,7 +146,8 @@ class ReplayEngine:
         self.responses = responses  # first prompt token -> responses
         self.calls = 0
 
-    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False, top_p=1.0):
+    def generate(self, prompts, n, temperature, max_tokens, return_logprobs=False, top_p=1.0,
+                 seeds=None):
         self.calls += 1
         return [[Completion(list(range(len(t) % 7 + 1)), t, truncated=t.endswith("..."))
                  for t in self.responses[p[0]][:n]] for p in prompts]
@@ -163,7 +164,7 @@ def test_known_responses_through_grading_records_and_summary(grader):
     })
     chunks = []
     res = run_eval(engine, grader, probs, n=4, temperature=0.6, top_p=0.95, max_tokens=8,
-                   model="m", chunk_samples=4, on_chunk=chunks.append, progress=None)
+                   seed=0, model="m", chunk_samples=4, on_chunk=chunks.append, progress=None)
     assert engine.calls == 3 and [len(c) for c in chunks] == [4, 4, 4]  # one problem per chunk
     assert res.scores == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]  # 25 == 025
     assert [r["problem_id"] for r in res.records] == ["aime/1"] * 4 + ["aime/2"] * 4 + \
@@ -198,7 +199,7 @@ def test_hf_engine_in_loop_metrics(tiny_model_dir, grader, data_root):
     engine = HFEngine(policy, tok, eos_token_ids(policy, tok))
     rows = select_subset(load_eval_set("math500", str(data_root)), 2, seed=0)
     res = run_eval(engine, grader, encode_problems(rows, tok, "paper"), n=2, temperature=1.0,
-                   top_p=1.0, max_tokens=3, progress=None)
+                   top_p=1.0, max_tokens=3, seed=0, progress=None)
     m = training_eval_metrics(res)
     for key in ("pass@1", "pass@1_se", "pass@2", "pass@2_se", "n_problems",
                 "n_samples_per_problem", "grade_timeouts", "no_box_frac", "response_len",
