@@ -12,11 +12,11 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlvr.choices import LOSS_AGGREGATIONS, OBJECTIVES, OPTIM_CHOICES, ROLLOUT_IS_MODES
+from rlvr.cli import fail
 from rlvr.prompts import PROMPT_STYLES
 
 
@@ -296,12 +296,6 @@ def resolve(explicit: dict, saved: dict | None = None) -> Config:
     given.setdefault("dry_run", False)
     given.setdefault("compile", False)
     return dataclasses.replace(base, **{k: v for k, v in given.items() if k in RESUMABLE_FIELDS})
-
-
-def fail(message: str) -> None:
-    """A bad command line: one line on stderr, exit status 2 (as argparse's own errors)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
