@@ -15,15 +15,17 @@ CRC pass over tens of GB). Each checkpoint is written to a temporary directory a
 the previous one is removed only after the new one is complete, so a crash while saving never
 leaves a run without a usable checkpoint. A full disk is a one-line CheckpointError.
 
-Measured on the H100 machine (random Qwen2.5-3B shape, 3.09 B parameters, page cache included),
-before -> after: adamw checkpoint 51.7 s -> 34.7 s (37.0 GB either way: the disk is the limit),
-bf16 final model 5.5 s / 6.8 GB (save_pretrained also wrote the tied lm_head) -> 2.7 s / 6.2 GB,
-resume 31.8 s -> 5.9 s. adamw_kahan: 8.7 s / 24.7 GB and a 0.01 s final model (hard link);
-adamw_8bit: 6.8 s / 18.6 GB.
+In a torchrun job saving and the final model are collective (every rank calls them). Replicated
+(DDP) state is the same on every rank, so rank 0 alone writes the one-process format above: one
+writer, and a checkpoint that resumes at any world size and exports like any other. Sharded
+(FSDP2) state goes through torch.distributed.checkpoint instead (`dcp/` in place of the two
+safetensors files): every rank writes its shards, and a resume at another world size reshards
+on load. The final model is one HF directory either way, gathered one tensor at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import importlib
@@ -32,17 +34,21 @@ import os
 import random
 import shutil
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
+from rlvr import dist
 from rlvr.optimizers import OPTIMIZERS
 
 CKPT_DIRNAME = "checkpoints"
 POLICY, OPTIM, OPTIM_META, STATE = ("policy.safetensors", "optimizer.safetensors",
                                     "optimizer_meta.pt", "state.pt")
+SHARDED = "dcp"  # torch.distributed.checkpoint's directory: a sharded (FSDP2) run's state
 FINAL_WEIGHTS = "model.safetensors"
 _ALIASES = "rlvr_aliases"
 # state.pt, optimizer_meta.pt, headers, config and tokenizer files (a Qwen tokenizer is ~11 MB)
@@ -102,12 +108,14 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
               torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                       cast: torch.dtype | None = None) -> None:
+def _write_safetensors(path: Path | None, tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str], cast: torch.dtype | None = None) -> None:
     """A safetensors file written one tensor at a time (safetensors' own save_file first copies
     every GPU tensor to the host: 37 GB of host RAM for a 3B fp32 checkpoint).
 
     `cast` converts floating-point tensors on their device, one at a time, as they are written.
+    Sharded (DTensor) values are gathered one at a time as they are written: a collective, so
+    every rank calls this with the same tensors and only the one given a `path` writes.
     """
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return cast if cast is not None and t.is_floating_point() else t.dtype
@@ -121,12 +129,15 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
         offset += n
     blob = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+    with open(path, "wb") if path is not None else contextlib.nullcontext() as f:
+        if f is not None:
+            f.write(struct.pack("<Q", len(blob)) + blob)
         for t in tensors.values():
-            host = t.detach().to(dtype=out_dtype(t)).to("cpu").contiguous()
-            if host.numel():
-                f.write(host.reshape(-1).view(torch.uint8).numpy().data)
+            t = t.detach().to(dtype=out_dtype(t))
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            if f is not None and t.numel():
+                f.write(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -143,7 +154,8 @@ def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     seen: dict[tuple, str] = {}
     unique, aliases = {}, {}
     for k, t in state.items():
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        local = t.to_local() if isinstance(t, DTensor) else t  # a shard: its own storage
+        key = (t.device, local.data_ptr(), t.dtype, tuple(t.shape), tuple(local.stride()))
         if t.numel() and key in seen:
             aliases[k] = seen[key]
         else:
@@ -243,13 +255,15 @@ def _disk_full(e: BaseException) -> bool:
                                             or "No space left" in str(e))
 
 
-def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None]) -> Path:
+def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None],
+               every_rank: Callable[[Path], None] | None = None) -> Path:
     """Write into a temporary sibling of `final` and rename it into place; on any failure
-    remove the temporary directory, and name a full disk as such."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    remove the temporary directory, and name a full disk as such. Rank 0 makes, fills (`write`)
+    and renames the directory; `every_rank(tmp)`, when given, runs on every rank of the job
+    first (all call this then), once the directory exists."""
+    main = dist.is_main()
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    free = shutil.disk_usage(final.parent).free
+    free = 0
 
     def full(cause: BaseException | None) -> CheckpointError:
         err = CheckpointError(f"disk is full: {what} needs {need / 1e9:.2f} GB ({need} bytes) "
@@ -258,24 +272,67 @@ def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None])
         err.__cause__ = cause
         return err
 
-    if free < need:
-        raise full(None)
-    tmp.mkdir()
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(final.parent).free
+        if free < need:
+            raise full(None)
+        tmp.mkdir()
     try:
-        write(tmp)
+        if every_rank is not None:
+            dist.barrier()  # the directory exists before any rank writes into it
+            every_rank(tmp)
+        if main:
+            write(tmp)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
         if _disk_full(e):
             raise full(e) from e
         raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     return final
+
+
+def _tree_bytes(obj) -> int:
+    """Bytes of every tensor in nested dicts/lists, a DTensor counted whole (all its shards)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tree_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tree_bytes(v) for v in obj)
+    return 0
+
+
+def _is_sharded(policy: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in policy.parameters())
 
 
 def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+    """checkpoints/step_<step>/ of `policy` (the HF model) and `optimizer`, with `extra` in
+    state.pt; the previous checkpoint removed once it is complete. Collective in a torchrun job."""
     root = Path(run_dir) / CKPT_DIRNAME
+    final = root / f"step_{step}"
+    state = {"step": step, "rng": rng_state(), **extra}
+    if _is_sharded(policy):
+        _save_sharded(final, step, policy, optimizer, state)
+    elif dist.is_main():  # [dist] replicated state: rank 0 writes it (see the module doc)
+        _save_replicated(final, step, policy, optimizer, state)
+    dist.barrier()  # complete before any rank goes on (to the next step, or to exit)
+    if dist.is_main():
+        for old in root.glob("step_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save_replicated(final: Path, step: int, policy: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, state: dict) -> None:
     weights, aliases = _unique(policy.state_dict())
     opt_tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(optimizer.state_dict(), "opt", opt_tensors)
@@ -285,22 +342,38 @@ def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
         _write_safetensors(tmp / POLICY, weights, {"format": "pt", _ALIASES: json.dumps(aliases)})
         _write_safetensors(tmp / OPTIM, opt_tensors, {"format": "pt"})
         torch.save(skeleton, tmp / OPTIM_META)
-        torch.save({"step": step, "rng": rng_state(), **extra}, tmp / STATE)  # last: complete
+        torch.save(state, tmp / STATE)  # last: complete
 
-    final = _write_dir(root / f"step_{step}", need, f"the step-{step} checkpoint", write)
-    for old in root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    _write_dir(final, need, f"the step-{step} checkpoint", write)
+
+
+def _save_sharded(final: Path, step: int, policy: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, state: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    need = _tree_bytes(model_sd) + _tree_bytes(optim_sd) + _SMALL_FILES_BYTES  # of all ranks
+
+    def shards(tmp: Path) -> None:
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+
+    _write_dir(final, need, f"the step-{step} checkpoint",
+               lambda tmp: torch.save(state, tmp / STATE), every_rank=shards)
 
 
 def load_policy_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """The policy weights of a checkpoint directory (every state_dict key, tied ones included),
-    on the CPU, in the dtype they were trained in; memory-mapped, so cheap to call."""
+    on the CPU, in the dtype they were trained in; memory-mapped (one-process format), so cheap
+    to call. A sharded checkpoint is read whole into this process."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / POLICY).exists() and (ckpt_dir / "policy.pt").exists():  # older runs
-        return torch.load(ckpt_dir / "policy.pt", map_location="cpu", weights_only=True,
-                          mmap=True)
+    if (ckpt_dir / SHARDED).is_dir():
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            return _load_state_dict_from_keys({"model"},
+                                              checkpoint_id=str(ckpt_dir / SHARDED))["model"]
     tensors, meta = _load_safetensors(ckpt_dir / POLICY)
     for alias, target in json.loads(meta.get(_ALIASES, "{}")).items():
         tensors[alias] = tensors[target]
@@ -309,19 +382,34 @@ def load_policy_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: Path, policy: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict:
-    # From memory-mapped host tensors, copied into the live ones: no second copy of the weights
-    # (12 GB at 3B) or of the optimizer state sits on the GPU next to vLLM.
+    """Load a checkpoint into the live policy and optimizer (every rank, whatever world size
+    wrote it); returns its state.pt."""
     path = Path(path)
-    policy.load_state_dict(load_policy_state(path))
-    if (path / OPTIM).exists():
+    if (path / SHARDED).is_dir():
+        _load_sharded(path / SHARDED, policy, optimizer)
+    else:
+        # From memory-mapped host tensors, copied into the live ones: no second copy of the
+        # weights or of the optimizer state sits on the GPU next to vLLM.
+        policy.load_state_dict(load_policy_state(path))
         tensors, _ = _load_safetensors(path / OPTIM)
-        saved = _unflatten(torch.load(path / OPTIM_META, weights_only=True), tensors)
-    else:  # older runs: the whole state_dict in one torch.save file
-        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    _load_optimizer_state(optimizer, saved)
+        _load_optimizer_state(optimizer, _unflatten(torch.load(path / OPTIM_META,
+                                                               weights_only=True), tensors))
     state = torch.load(path / STATE, weights_only=False)
     set_rng_state(state["rng"])
     return state
+
+
+def _load_sharded(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Into the live (sharded) state: DCP reads each rank's part of every tensor, so the job may
+    have another world size than the one that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(policy, optimizer, model_state_dict=sd["model"],
+                   optim_state_dict=sd["optimizer"])
 
 
 def _same_bf16_layout(path: Path, weights: dict[str, torch.Tensor]) -> bool:
@@ -344,15 +432,25 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
                       checkpoint: Path | None = None) -> Path:
     """The trained policy in HF format (bf16, as released checkpoints are) to load anywhere.
 
-    Weights are cast to bf16 one tensor at a time on their device as they are written. If the
-    policy already trains in bf16 and `checkpoint` is the checkpoint just saved of this same
-    policy, its weights file is hard-linked instead of written again.
+    Weights are cast to bf16 one tensor at a time on their device as they are written (sharded:
+    gathered one at a time, every rank taking part, rank 0 writing). If the policy already trains
+    in bf16 and `checkpoint` is the checkpoint just saved of this same policy, its weights file
+    is hard-linked instead of written again. Collective in a torchrun job.
     """
+    out = Path(run_dir) / "final_model"
+    sharded = _is_sharded(policy)
+    if not (sharded or dist.is_main()):  # [dist] replicated: rank 0 has it all
+        dist.barrier()
+        return out
     weights, _ = _unique(policy.state_dict())
     link = Path(checkpoint) / POLICY if checkpoint is not None else None
     if link is not None and not _same_bf16_layout(link, weights):
         link = None
     need = _SMALL_FILES_BYTES + (0 if link else _nbytes(weights, torch.bfloat16))
+
+    def tensors(tmp: Path) -> None:
+        _write_safetensors(tmp / FINAL_WEIGHTS if dist.is_main() else None, weights,
+                           {"format": "pt"}, cast=torch.bfloat16)
 
     def write(tmp: Path) -> None:
         if link is not None:
@@ -360,9 +458,8 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
                 os.link(link, tmp / FINAL_WEIGHTS)
             except OSError:  # another file system, or links not supported
                 shutil.copyfile(link, tmp / FINAL_WEIGHTS)
-        else:
-            _write_safetensors(tmp / FINAL_WEIGHTS, weights, {"format": "pt"},
-                               cast=torch.bfloat16)
+        elif not sharded:
+            tensors(tmp)
         config = copy.deepcopy(policy.config)
         config.dtype = torch.bfloat16  # else from_pretrained would load the bf16 file as fp32
         config.architectures = [type(policy).__name__]
@@ -371,4 +468,6 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
             policy.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_dir(Path(run_dir) / "final_model", need, "the final model", write)
+    _write_dir(out, need, "the final model", write, every_rank=tensors if sharded else None)
+    dist.barrier()
+    return out

@@ -216,24 +216,6 @@ def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     assert not any((tmp_path / "checkpoints").iterdir())
 
 
-def test_checkpoints_of_the_previous_format_still_load(tmp_path):
-    """Runs started before safetensors checkpoints (policy.pt / optimizer.pt) can resume."""
-    a = Net()
-    opt_a = make_optimizer(a, 1e-3, 0.0)
-    steps(a, opt_a, 0, 1)
-    old = tmp_path / "checkpoints" / "step_1"
-    old.mkdir(parents=True)
-    torch.save(a.state_dict(), old / "policy.pt")
-    torch.save(opt_a.state_dict(), old / "optimizer.pt")
-    torch.save({"step": 1, "rng": C.rng_state(), **EXTRA}, old / "state.pt")
-    b = Net(seed=3)
-    opt_b = make_optimizer(b, 1e-3, 0.0)
-    assert load_checkpoint(latest_checkpoint(tmp_path), b, opt_b)["step"] == 1
-    steps(a, opt_a, 1, 1)
-    steps(b, opt_b, 1, 1)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-
-
 def test_final_model_links_only_a_checkpoint_with_the_same_bf16_tensors(tmp_path, tiny):
     from safetensors.torch import load_file
 
