@@ -407,7 +407,9 @@ def _load_sharded(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Op
 
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(sd, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # alone: "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=str(path))
     set_state_dict(policy, optimizer, model_state_dict=sd["model"],
                    optim_state_dict=sd["optimizer"])
 

@@ -11,7 +11,10 @@ checkpoints are the product's own.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -23,16 +26,31 @@ from rlvr.reward import GradeResult  # noqa: E402
 
 class HashGrader:
     """Scores a response 1 when the CRC32 of its text is odd: about half of them, at random but
-    the same for the same text on any rank."""
+    the same for the same text on any rank. The training steps' scores (graded on the main
+    thread; the eval grades in its own) go to $OUT/scores_rank<r>.jsonl, one line a step."""
+
+    log: Path | None = None
+    case = ""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
 
     def grade_batch(self, responses: list[str], golds: list[str]) -> GradeResult:
-        return GradeResult(scores=[float(zlib.crc32(r.encode()) % 2) for r in responses])
+        scores = [float(zlib.crc32(r.encode()) % 2) for r in responses]
+        if self.log is not None and threading.current_thread() is threading.main_thread():
+            with open(self.log, "a") as f:
+                f.write(json.dumps({"case": self.case, "scores": scores}) + "\n")
+        return GradeResult(scores=scores)
 
     def close(self) -> None:
         pass
+
+
+def step_scores(out: Path, case: str, rank: int) -> list[list[float]]:
+    """The training scores a rank recorded for `case`, one list per step."""
+    path = Path(out) / f"scores_rank{rank}.jsonl"
+    return [r["scores"] for r in map(json.loads, path.read_text().splitlines())
+            if r["case"] == case]
 
 
 # 8 prompts x 2 samples a step; mini-batches of 4 samples, so PSR and NSR take ceil(kept / 4)
@@ -59,10 +77,88 @@ def args(case: str, model: str, data: str, out: str) -> list[str]:
 
 def run(model: str, data: str, out: str, cases: list[str]) -> None:
     experiment.BatchGrader = HashGrader
+    Path(out).mkdir(parents=True, exist_ok=True)
+    HashGrader.log = Path(out) / f"scores_rank{os.environ.get('RANK', '0')}.jsonl"
     for case in cases:
+        if case == "fsdp":
+            fsdp_case(model, out)
+            continue
+        HashGrader.case = case
         code = experiment.main(args(case, model, data, out))
         if code:
             raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------------- FSDP2 on CPU
+
+FSDP_STEPS = 2
+
+
+def fsdp_batch():
+    """A fixed global batch of 8 samples (4 groups of 2): the first half long, the second short,
+    so the two ranks need different numbers of micro-batches; W_REINFORCE-style advantages."""
+    import torch
+
+    from rlvr.training import UpdateBatch
+
+    g = torch.Generator().manual_seed(0)
+    lens = [(30, 9), (28, 12), (25, 7), (33, 10), (6, 3), (5, 4), (7, 2), (4, 5)]
+    prompts = [torch.randint(0, 250, (p,), generator=g).tolist() for p, _ in lens]
+    responses = [torch.randint(0, 250, (r,), generator=g).tolist() for _, r in lens]
+    correct = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    return UpdateBatch(prompts, responses, torch.where(correct > 0, 0.1, -1.0),
+                       torch.ones(8, dtype=torch.bool))
+
+
+def fsdp_settings():
+    import torch
+
+    from rlvr.training import UpdateSettings
+
+    return UpdateSettings(temperature=1.0, clip_range=0.2, mini_batch_size=2, max_grad_norm=1.0,
+                          pad_id=257, device=torch.device("cpu"), micro_batch_tokens=40,
+                          entropy_coef=0.01, kl_coef=0.05)
+
+
+def update_steps(trainer, optimizer, batch, reference) -> list[dict]:
+    """FSDP_STEPS updates of `batch` (this rank's part of fsdp_batch) with four mini-batches."""
+    import torch
+
+    from rlvr.training import policy_update
+
+    gen = torch.Generator().manual_seed(0)
+    return [policy_update(trainer, optimizer, batch, fsdp_settings(), gen, reference)
+            for _ in range(FSDP_STEPS)]
+
+
+def fsdp_case(model: str, out: str) -> None:
+    """The update, the sync's full tensors, a checkpoint and the final model with the policy
+    (and the KL reference) sharded by FSDP2 over the job's ranks (gloo); rank 0 saves what the
+    test compares with one process."""
+    import torch
+
+    from rlvr import dist, fsdp
+    from rlvr.checkpoint import save_checkpoint, save_final_policy
+    from rlvr.modeling import load_policy, load_tokenizer
+    from rlvr.optimizers import make_optimizer
+    from rlvr.training import UpdateBatch
+
+    cpu = torch.device("cpu")
+    dist.init("cpu")
+    policy = load_policy(model, cpu, gradient_checkpointing=True)
+    trainer = fsdp.shard(policy, cpu)
+    reference = fsdp.shard(load_policy(model, cpu, False).requires_grad_(False), cpu)
+    optimizer = make_optimizer(policy, 1e-3, 0.01)
+    full = fsdp_batch()
+    mine = UpdateBatch(dist.shard(full.prompts), dist.shard(full.responses),
+                       torch.stack(dist.shard(full.advantages)), torch.stack(dist.shard(full.keep)))
+    stats = update_steps(trainer, optimizer, mine, reference)
+    weights = {name: t.clone() for name, t in fsdp.full_tensors(policy, torch.float32)}
+    run_dir = Path(out) / "fsdp"
+    save_checkpoint(run_dir, FSDP_STEPS, policy, optimizer, {"world_size": dist.world().size})
+    save_final_policy(run_dir, policy, load_tokenizer(model))
+    if dist.is_main():
+        torch.save({"stats": stats, "weights": weights}, Path(out) / "fsdp_result.pt")
 
 
 if __name__ == "__main__":
