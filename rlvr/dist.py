@@ -134,13 +134,26 @@ def tensor_parallel_group(size: int):
     return group
 
 
+def engines(tensor_parallel: int) -> tuple[int, int]:
+    """(rollout engines in the job, this rank's): one per `tensor_parallel` consecutive ranks."""
+    w = world()
+    return w.size // tensor_parallel, w.rank // tensor_parallel
+
+
 def pool_in_group(prompts_and_seeds: tuple[list, list | None],
                   group) -> tuple[list, list | None, int]:
     """The prompts (and per-prompt seeds) of every rank of `group`, in group-rank order, and
-    where this rank's own start in the pool."""
+    where this rank's own start in the pool. Ranks that asked alike (an eval part shared by the
+    group) pool nothing: each gets the whole answer."""
     parts: list = [None] * tdist.get_world_size(group)
     tdist.all_gather_object(parts, prompts_and_seeds, group=group)
-    me = tdist.get_rank(group)
+    return pool(parts, tdist.get_rank(group))
+
+
+def pool(parts: list[tuple[list, list | None]], me: int) -> tuple[list, list | None, int]:
+    """pool_in_group's answer from the group's (prompts, seeds) parts, for group rank `me`."""
+    if all(p == parts[0] for p in parts):
+        return *parts[0], 0
     offset = sum(len(p) for p, _ in parts[:me])
     seeds = None if any(s is None for _, s in parts) else [x for _, s in parts for x in s]
     return [x for p, _ in parts for x in p], seeds, offset

@@ -226,14 +226,17 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
     cfg = run.cfg
     t0 = time.perf_counter()
     greedy = cfg.eval_temperature == 0
-    # [dist] each rank evaluates its share of the problems; every rank then holds all records
-    result = run_eval(run.engine, run.grader, dist.shard(run.evalset),
+    # [dist] each rollout engine evaluates its share of the problems (the ranks of a
+    # tensor-parallel engine the same share); every rank then holds every record once
+    n_engines, engine = dist.engines(cfg.rollout_tp)
+    result = run_eval(run.engine, run.grader, dist.shard(run.evalset, n_engines, engine),
                       n=1 if greedy else cfg.eval_n,
                       temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                       max_tokens=cfg.eval_max_tokens or cfg.max_tokens, seed=cfg.seed,
                       progress=sys.stdout, label=f"step {at_step}", model=cfg.model_id)
-    result.records = [r for part in dist.all_gather_objects(result.records) for r in part]
-    result.n_timeouts = int(dist.all_reduce_sum(torch.tensor(result.n_timeouts)))
+    parts = dist.all_gather_objects((result.records, result.n_timeouts))[::cfg.rollout_tp]
+    result.records = [r for records, _ in parts for r in records]
+    result.n_timeouts = sum(n for _, n in parts)
     metrics = {f"eval/{k}": v for k, v in training_eval_metrics(result).items()}
     examples = eval_examples(result, cfg.n_eval_examples_logged)
     metrics["time/eval_s"] = time.perf_counter() - t0

@@ -352,13 +352,16 @@ class Models(NamedTuple):
 
 def _trainer(policy: torch.nn.Module, device: torch.device, sharded: bool,
              dtype: torch.dtype) -> torch.nn.Module:
-    """The update's module: sharded over the job (FSDP2), or replicated, in DDP under torchrun."""
+    """The update's module: sharded over the job (FSDP2); or replicated, in DDP under torchrun
+    when it has gradients to synchronise."""
     from rlvr.logprobs import PolicyLogprobs
 
     if sharded:
         from rlvr.fsdp import shard
 
         return shard(policy, device, dtype)
+    if not any(p.requires_grad for p in policy.parameters()):
+        return PolicyLogprobs(policy)
     return dist.data_parallel(PolicyLogprobs(policy), device)
 
 
@@ -393,8 +396,6 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
                                 dtype=torch.bfloat16)
         ref_model.requires_grad_(False).eval()
         reference = _trainer(ref_model, device, mem.fsdp, torch.bfloat16)
-        if isinstance(reference, torch.nn.parallel.DistributedDataParallel):
-            reference = reference.module  # no gradients: nothing to synchronise
         if mem.packed:
             enable_packed_attention(ref_model)
     eos_ids = eos_token_ids(policy, tokenizer)

@@ -8,7 +8,8 @@ while the policy trains and wakes in the order weights -> load -> KV cache.
 In a torchrun job every rank runs its own engine on its GPU (vLLM's `external_launcher`: it joins
 the job's process group instead of starting workers). With `tensor_parallel` = t > 1, t consecutive
 ranks share one engine sharded over their GPUs; vLLM then needs each of them to submit the same
-requests, so they pool their prompts, all generate the pool, and each keeps its own part.
+requests, so they pool their prompts, all generate the pool, and each keeps its own part (an eval
+part they were all given alike is generated once).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class VLLMEngine:
         from rlvr import dist
 
         self._wake()
-        mine = len(prompts)
+        mine, offset = len(prompts), 0
         if self.tp_group is not None:  # the group's pool, in group-rank order (see module doc)
             prompts, seeds, offset = dist.pool_in_group((prompts, seeds), self.tp_group)
         greedy = temperature == 0
@@ -126,8 +127,7 @@ class VLLMEngine:
                 lps = [step[t].logprob for step, t in zip(o.logprobs, toks)]
             flat.append(Completion(token_ids=toks, text=text,
                                    truncated=o.finish_reason == "length", logprobs=lps))
-        out = [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
-        return out[offset:offset + mine] if self.tp_group is not None else out
+        return [flat[i * n:(i + 1) * n] for i in range(offset, offset + mine)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
