@@ -363,7 +363,8 @@ def run(cfg: Config) -> dict:
     r = build(cfg)
     step = restore(r)
     # [dist] rank 0 writes the run's config, logs and metrics (the other ranks' logger is mute)
-    launch = {"world_size": dist.world().size, "mode": "fsdp" if r.mem.fsdp else "ddp"}
+    launch = {"world_size": dist.world().size, "mode": "fsdp" if r.mem.fsdp
+              else "ddp" if dist.under_torchrun() else "single"}
     if dist.is_main():
         write_config(cfg, r.device, step, r.mem.plan, launch)
     logger = dist.on_main(lambda: RunLogger(cfg.run_dir, resume_step=step if step else None))

@@ -88,8 +88,9 @@ def check_run_dir(cfg: Config) -> None:
 
 def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None,
                  launch: dict | None = None) -> None:
-    """config.json: the settings in force now, the memory plan, the launch (`world_size`, `mode`:
-    how many ranks, and ddp/fsdp), and how the run got here.
+    """config.json: the settings in force now, the memory plan, the launch (`world_size` and
+    `mode`: single, a plain process; ddp, replicated under torchrun; fsdp, sharded), and how the
+    run got here.
 
     A resume keeps the original provenance, appends its own (with its launch) under "resumes",
     and records under "settings_history" which resumable settings changed from which step, so
@@ -98,7 +99,7 @@ def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.run_dir / "config.json"
     now = cfg.to_json()
-    launch = launch or {"world_size": 1, "mode": "ddp"}
+    launch = launch or {"world_size": 1, "mode": "single"}
     data = {**now, "memory_plan": plan, **launch, "provenance": provenance(device),
             "settings_history": [{"from_step": 0, "settings": now}]}
     if cfg.resume and path.exists():
@@ -195,7 +196,7 @@ def saved_optimizer(cfg: Config) -> str | None:
 
 
 def saved_mode(cfg: Config) -> str | None:
-    """On --resume, ddp or fsdp: the layout the run's checkpoints were written in."""
+    """On --resume, single, ddp or fsdp: the layout the run's checkpoints were written in."""
     return _saved(cfg).get("mode")
 
 

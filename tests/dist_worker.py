@@ -3,54 +3,27 @@ test's own process (one rank), on the same global batches.
 
     torchrun --nproc_per_node 2 tests/dist_worker.py MODEL DATA OUT CASE [CASE ...]
 
-Rewards come from a deterministic stand-in for the verifier (a hash of the response text): a
-random tiny model never writes a correct boxed answer, so the real grader would score every
-sample 0 and PSR would train on nothing. The rollouts, advantages, update, sync, eval and
-checkpoints are the product's own.
+Rewards come from a deterministic stand-in for the verifier (bench/hash_grader.py: a hash of the
+response text), which also records every rank's training scores. The rollouts, advantages,
+update, sync, eval and checkpoints are the product's own.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import threading
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import hash_grader  # noqa: E402
+from bench.hash_grader import HashGrader  # noqa: E402
 from rlvr import experiment  # noqa: E402
-from rlvr.reward import GradeResult  # noqa: E402
-
-
-class HashGrader:
-    """Scores a response 1 when the CRC32 of its text is odd: about half of them, at random but
-    the same for the same text on any rank. The training steps' scores (graded on the main
-    thread; the eval grades in its own) go to $OUT/scores_rank<r>.jsonl, one line a step."""
-
-    log: Path | None = None
-    case = ""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def grade_batch(self, responses: list[str], golds: list[str]) -> GradeResult:
-        scores = [float(zlib.crc32(r.encode()) % 2) for r in responses]
-        if self.log is not None and threading.current_thread() is threading.main_thread():
-            with open(self.log, "a") as f:
-                f.write(json.dumps({"case": self.case, "scores": scores}) + "\n")
-        return GradeResult(scores=scores)
-
-    def close(self) -> None:
-        pass
 
 
 def step_scores(out: Path, case: str, rank: int) -> list[list[float]]:
     """The training scores a rank recorded for `case`, one list per step."""
-    path = Path(out) / f"scores_rank{rank}.jsonl"
-    return [r["scores"] for r in map(json.loads, path.read_text().splitlines())
-            if r["case"] == case]
+    return hash_grader.step_scores(Path(out) / f"scores_rank{rank}.jsonl", case)
 
 
 # 8 prompts x 2 samples a step; mini-batches of 4 samples, so PSR and NSR take ceil(kept / 4)
