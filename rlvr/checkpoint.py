@@ -25,15 +25,12 @@ on load. The final model is one HF directory either way, gathered one tensor at 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
-import importlib
 import json
 import os
 import random
 import shutil
-import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +39,7 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from rlvr import dist
+from rlvr import dist, tensor_io
 from rlvr.optimizers import OPTIMIZERS
 
 CKPT_DIRNAME = "checkpoints"
@@ -101,150 +98,6 @@ def checkpoint_disk_bytes(n_params: int, optim_name: str) -> dict[str, int]:
     return {"checkpoint": ckpt, "final_model": final, "peak": 2 * ckpt + final}
 
 
-# ---- streaming safetensors writer -------------------------------------------------------------
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def _write_safetensors(path: Path | None, tensors: dict[str, torch.Tensor],
-                       metadata: dict[str, str], cast: torch.dtype | None = None) -> None:
-    """A safetensors file written one tensor at a time (safetensors' own save_file first copies
-    every GPU tensor to the host: 37 GB of host RAM for a 3B fp32 checkpoint).
-
-    `cast` converts floating-point tensors on their device, one at a time, as they are written.
-    Sharded (DTensor) values are gathered one at a time as they are written: a collective, so
-    every rank calls this with the same tensors and only the one given a `path` writes.
-    """
-    def out_dtype(t: torch.Tensor) -> torch.dtype:
-        return cast if cast is not None and t.is_floating_point() else t.dtype
-
-    header: dict[str, dict] = {}
-    offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * out_dtype(t).itemsize
-        header[name] = {"dtype": _ST_DTYPES[out_dtype(t)], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") if path is not None else contextlib.nullcontext() as f:
-        if f is not None:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-        for t in tensors.values():
-            t = t.detach().to(dtype=out_dtype(t))
-            if isinstance(t, DTensor):
-                t = t.full_tensor()
-            if f is not None and t.numel():
-                f.write(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path), device="cpu"), meta
-
-
-def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors with tied ones (lm_head.weight = embed_tokens.weight) once, and the aliases."""
-    seen: dict[tuple, str] = {}
-    unique, aliases = {}, {}
-    for k, t in state.items():
-        local = t.to_local() if isinstance(t, DTensor) else t  # a shard: its own storage
-        key = (t.device, local.data_ptr(), t.dtype, tuple(t.shape), tuple(local.stride()))
-        if t.numel() and key in seen:
-            aliases[k] = seen[key]
-        else:
-            seen[key] = k
-            unique[k] = t
-    return unique, aliases
-
-
-def _nbytes(tensors: dict[str, torch.Tensor], cast: torch.dtype | None = None) -> int:
-    return sum(t.numel() * (cast.itemsize if cast is not None and t.is_floating_point()
-                            else t.element_size()) for t in tensors.values())
-
-
-# ---- optimizer state_dict <-> (skeleton, flat tensors) ---------------------------------------
-
-_TENSOR, _SUBCLASS = "__rlvr_tensor__", "__rlvr_tensor_subclass__"
-# tensor subclasses a skeleton may name (torchao's 8-bit moments); nothing else is imported
-_SUBCLASS_MODULES = ("torchao.optim.",)
-
-
-def _flatten(obj, path: str, out: dict[str, torch.Tensor]):
-    if torch.is_tensor(obj):
-        if hasattr(obj, "__tensor_flatten__"):
-            names, attrs = obj.__tensor_flatten__()
-            cls = type(obj)
-            return {_SUBCLASS: f"{cls.__module__}:{cls.__qualname__}", "attrs": list(attrs),
-                    "inner": {n: _flatten(getattr(obj, n), f"{path}.{n}", out) for n in names}}
-        out[path] = obj
-        return {_TENSOR: path}
-    if isinstance(obj, dict):
-        return {k: _flatten(v, f"{path}.{k}", out) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_flatten(v, f"{path}.{i}", out) for i, v in enumerate(obj))
-    return obj
-
-
-def _unflatten(obj, tensors: dict[str, torch.Tensor]):
-    if isinstance(obj, dict) and _TENSOR in obj:
-        return tensors[obj[_TENSOR]]
-    if isinstance(obj, dict) and _SUBCLASS in obj:
-        module, _, name = obj[_SUBCLASS].partition(":")
-        if not module.startswith(_SUBCLASS_MODULES):
-            raise ValueError(f"checkpoint names an unexpected tensor class {obj[_SUBCLASS]}")
-        cls = getattr(importlib.import_module(module), name)
-        inner = {k: _unflatten(v, tensors) for k, v in obj["inner"].items()}
-        return cls.__tensor_unflatten__(inner, obj["attrs"], None, None)
-    if isinstance(obj, dict):
-        return {k: _unflatten(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_unflatten(v, tensors) for v in obj)
-    return obj
-
-
-def _pair_tensors(live, saved, pairs: list) -> bool:
-    """Walk two state_dicts together; collect (live, saved) plain tensor pairs. False if their
-    structure, shapes, dtypes or any non-tensor value (hyperparameters) differ."""
-    if torch.is_tensor(live):
-        if not torch.is_tensor(saved) or type(live) is not type(saved):
-            return False
-        if hasattr(live, "__tensor_flatten__"):
-            names, attrs = live.__tensor_flatten__()
-            return list(attrs) == list(saved.__tensor_flatten__()[1]) and all(
-                _pair_tensors(getattr(live, n), getattr(saved, n), pairs) for n in names)
-        pairs.append((live, saved))
-        return live.shape == saved.shape and live.dtype == saved.dtype
-    if isinstance(live, dict):
-        return (isinstance(saved, dict) and live.keys() == saved.keys()
-                and all(_pair_tensors(live[k], saved[k], pairs) for k in live))
-    if isinstance(live, (list, tuple)):
-        return (isinstance(saved, (list, tuple)) and len(live) == len(saved)
-                and all(_pair_tensors(a, b, pairs) for a, b in zip(live, saved)))
-    return live == saved
-
-
-@torch.no_grad()
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Copy into the live (preallocated) state tensors when the structure matches: no second
-    copy of the state on the GPU (25 GB at 3B) and the up-front allocation is kept. Otherwise
-    (state not allocated, other hyperparameters) the library's load_state_dict."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if _pair_tensors(optimizer.state_dict(), saved, pairs):
-        for dst, src in pairs:
-            dst.copy_(src)
-    else:
-        optimizer.load_state_dict(saved)
-    if hasattr(optimizer, "reload_params"):  # the offload's host copies of the weights
-        optimizer.reload_params()
-
-
 # ---- save / load ------------------------------------------------------------------------------
 
 def _disk_full(e: BaseException) -> bool:
@@ -297,17 +150,6 @@ def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None],
     return final
 
 
-def _tree_bytes(obj) -> int:
-    """Bytes of every tensor in nested dicts/lists, a DTensor counted whole (all its shards)."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tree_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tree_bytes(v) for v in obj)
-    return 0
-
-
 def _is_sharded(policy: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in policy.parameters())
 
@@ -333,14 +175,15 @@ def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
 
 def _save_replicated(final: Path, step: int, policy: torch.nn.Module,
                      optimizer: torch.optim.Optimizer, state: dict) -> None:
-    weights, aliases = _unique(policy.state_dict())
+    weights, aliases = tensor_io.unique_tensors(policy.state_dict())
     opt_tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten(optimizer.state_dict(), "opt", opt_tensors)
-    need = _nbytes(weights) + _nbytes(opt_tensors) + _SMALL_FILES_BYTES
+    skeleton = tensor_io.flatten_state(optimizer.state_dict(), "opt", opt_tensors)
+    need = tensor_io.nbytes(weights) + tensor_io.nbytes(opt_tensors) + _SMALL_FILES_BYTES
 
     def write(tmp: Path) -> None:
-        _write_safetensors(tmp / POLICY, weights, {"format": "pt", _ALIASES: json.dumps(aliases)})
-        _write_safetensors(tmp / OPTIM, opt_tensors, {"format": "pt"})
+        tensor_io.write_safetensors(tmp / POLICY, weights,
+                                    {"format": "pt", _ALIASES: json.dumps(aliases)})
+        tensor_io.write_safetensors(tmp / OPTIM, opt_tensors, {"format": "pt"})
         torch.save(skeleton, tmp / OPTIM_META)
         torch.save(state, tmp / STATE)  # last: complete
 
@@ -353,7 +196,8 @@ def _save_sharded(final: Path, step: int, policy: torch.nn.Module,
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(policy, optimizer)
-    need = _tree_bytes(model_sd) + _tree_bytes(optim_sd) + _SMALL_FILES_BYTES  # of all ranks
+    # of all ranks: a DTensor counts whole
+    need = tensor_io.tree_bytes(model_sd) + tensor_io.tree_bytes(optim_sd) + _SMALL_FILES_BYTES
 
     def shards(tmp: Path) -> None:
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED))
@@ -374,7 +218,7 @@ def load_policy_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             return _load_state_dict_from_keys({"model"},
                                               checkpoint_id=str(ckpt_dir / SHARDED))["model"]
-    tensors, meta = _load_safetensors(ckpt_dir / POLICY)
+    tensors, meta = tensor_io.load_safetensors(ckpt_dir / POLICY)
     for alias, target in json.loads(meta.get(_ALIASES, "{}")).items():
         tensors[alias] = tensors[target]
     return tensors
@@ -391,9 +235,9 @@ def load_checkpoint(path: Path, policy: torch.nn.Module,
         # From memory-mapped host tensors, copied into the live ones: no second copy of the
         # weights or of the optimizer state sits on the GPU next to vLLM.
         policy.load_state_dict(load_policy_state(path))
-        tensors, _ = _load_safetensors(path / OPTIM)
-        _load_optimizer_state(optimizer, _unflatten(torch.load(path / OPTIM_META,
-                                                               weights_only=True), tensors))
+        tensors, _ = tensor_io.load_safetensors(path / OPTIM)
+        skeleton = torch.load(path / OPTIM_META, weights_only=True)
+        tensor_io.load_optimizer_state(optimizer, tensor_io.unflatten_state(skeleton, tensors))
     state = torch.load(path / STATE, weights_only=False)
     set_rng_state(state["rng"])
     return state
@@ -426,7 +270,7 @@ def _same_bf16_layout(path: Path, weights: dict[str, torch.Tensor]) -> bool:
         if set(f.keys()) != set(weights):
             return False
         return all(f.get_slice(k).get_shape() == list(t.shape)
-                   and f.get_slice(k).get_dtype() == _ST_DTYPES[t.dtype]
+                   and f.get_slice(k).get_dtype() == tensor_io.ST_DTYPES[t.dtype]
                    for k, t in weights.items())
 
 
@@ -444,14 +288,14 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
     if not (sharded or dist.is_main()):  # [dist] replicated: rank 0 has it all
         dist.barrier()
         return out
-    weights, _ = _unique(policy.state_dict())
+    weights, _ = tensor_io.unique_tensors(policy.state_dict())
     link = Path(checkpoint) / POLICY if checkpoint is not None else None
     if link is not None and not _same_bf16_layout(link, weights):
         link = None
-    need = _SMALL_FILES_BYTES + (0 if link else _nbytes(weights, torch.bfloat16))
+    need = _SMALL_FILES_BYTES + (0 if link else tensor_io.nbytes(weights, torch.bfloat16))
 
     def tensors(tmp: Path) -> None:
-        _write_safetensors(tmp / FINAL_WEIGHTS if dist.is_main() else None, weights,
+        tensor_io.write_safetensors(tmp / FINAL_WEIGHTS if dist.is_main() else None, weights,
                            {"format": "pt"}, cast=torch.bfloat16)
 
     def write(tmp: Path) -> None:
