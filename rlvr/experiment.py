@@ -341,18 +341,8 @@ def build(cfg: Config) -> Run:
                BatchGrader(num_workers=cfg.grader_workers, timeout_s=cfg.grade_timeout_s),
                train, eval_problems(eval_rows, tokenizer, cfg), mem,
                PromptSampler(len(train.rows), cfg.seed), torch.Generator().manual_seed(cfg.seed),
-               update_settings(cfg, mem, tokenizer.pad_token_id, device), models.reference,
+               UpdateSettings.for_run(cfg, mem, tokenizer.pad_token_id, device), models.reference,
                ProcessMemorySampler() if device.type == "cuda" else None)
-
-
-def update_settings(cfg: Config, mem: Resolved, pad_id: int,
-                    device: torch.device) -> UpdateSettings:
-    return UpdateSettings(
-        temperature=cfg.temperature, clip_range=cfg.clip_range, mini_batch_size=cfg.mini_batch,
-        max_grad_norm=cfg.max_grad_norm, pad_id=pad_id, device=device,
-        micro_batch_tokens=mem.micro_batch_tokens, loss_agg=cfg.loss_agg,
-        entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef, rollout_is=cfg.rollout_is,
-        rollout_is_cap=cfg.rollout_is_cap, packed=mem.packed)
 
 
 def run(cfg: Config) -> dict:

@@ -65,6 +65,16 @@ class UpdateSettings:
     rollout_is_cap: float = 2.0
     packed: bool = False      # varlen micro-batches; call attention.enable_packed_attention first
 
+    @classmethod
+    def for_run(cls, cfg, mem, pad_id: int, device: torch.device) -> UpdateSettings:
+        """From a run's Config and resolved memory plan (run_setup.Resolved)."""
+        return cls(temperature=cfg.temperature, clip_range=cfg.clip_range,
+                   mini_batch_size=cfg.mini_batch, max_grad_norm=cfg.max_grad_norm,
+                   pad_id=pad_id, device=device, micro_batch_tokens=mem.micro_batch_tokens,
+                   loss_agg=cfg.loss_agg, entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef,
+                   rollout_is=cfg.rollout_is, rollout_is_cap=cfg.rollout_is_cap,
+                   packed=mem.packed)
+
 
 def micro_batches(idx: list[int], seq_lens: Sequence[int], max_tokens: int | None,
                   packed: bool = False) -> list[list[int]]:
