@@ -170,11 +170,15 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     is broadcast: a broadcast per forward would make the ranks' forward counts have to agree."""
     if not tdist.is_initialized():
         return module
-    from torch.nn.parallel import DistributedDataParallel
+    import inspect
 
-    return DistributedDataParallel(module, device_ids=[device.index or 0]
-                                   if device.type == "cuda" else None,
-                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # torch 2.13 renamed broadcast_buffers (which it deprecates) to forward_sync_buffers
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else "broadcast_buffers")
+    return DDP(module, device_ids=[device.index or 0] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True, **{no_sync: False})
 
 
 class _Silent:

@@ -391,7 +391,7 @@ def plan_memory(shape: ModelShape, workload: Workload, budget_gib: float, *, opt
 
 _ROWS = (  # label, components added up
     ("policy weights ({dtype})", ("weights",)),
-    ("autocast bf16 weight copies", ("autocast",)),
+    ("bf16 weight copies (autocast, FSDP gathers)", ("autocast",)),
     ("gradients", ("grads",)),
     ("optimizer state ({optim})", ("optimizer",)),
     ("activations ({mb:,}-token micro-batch{ckpt})", ("activations",)),
