@@ -59,10 +59,13 @@ class CheckpointError(OSError):
 
 
 def rng_state() -> dict:
+    """This process's RNG states (rank 0's in a job: every rank seeds alike, and nothing a step
+    computes draws from them per rank; rollouts are seeded per request). CUDA: this process's
+    own GPU only; the states of every visible GPU would open a context on each of them."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -71,7 +74,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # a list of one per GPU where get_rng_state_all wrote it
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list) else cuda)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
