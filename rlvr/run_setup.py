@@ -332,8 +332,9 @@ def compile_policy(policy, device: torch.device, sharded: bool = False) -> None:
     """--compile: regional compilation of the layers plus the LM-head loss; compiling happens
     in the first update."""
     if device.type != "cuda" or sharded:
-        why = "with --fsdp (not verified there)" if sharded else "on a CUDA GPU only"
-        print(f"note: --compile applies {why}; running eager", flush=True)
+        why = ("is not applied to FSDP's sharded units (not verified there)" if sharded
+               else "applies on a CUDA GPU only")
+        print(f"note: --compile {why}; running eager", flush=True)
         return
     from rlvr.attention import compile_decoder_layers
     from rlvr.logprobs import compile_logit_head
