@@ -48,7 +48,7 @@ def launched() -> World:
 
 
 def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    return tdist.is_torchelastic_launched()
 
 
 def init(device_type: str) -> World:
