@@ -36,9 +36,10 @@ from bench.models import build_random_qwen, math_texts  # noqa: E402
 from bench.timing import measured_bf16_peak_tflops, now  # noqa: E402
 from rlvr.config import parse_config  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
+from rlvr.fsdp import full_tensors  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
 from rlvr.run_setup import encode_problems, load_models, resolve_memory  # noqa: E402
-from rlvr.training import UpdateBatch, policy_update  # noqa: E402
+from rlvr.training import UpdateBatch, UpdateSettings, policy_update  # noqa: E402
 
 N_PROMPTS, N_SAMPLES, GEN_LEN = 32, 2, 512
 
@@ -108,7 +109,9 @@ def bench_scaling(engine, train_prompts) -> dict:
     return res
 
 
-def bench_train(run_cfg, mem, policy, optimizer, engine, tok, prompts, peak: float) -> dict:
+def bench_train(run_cfg, mem, models, prompts, peak: float) -> dict:
+    policy, optimizer, engine = models.policy, models.optimizer, models.engine
+    tok = models.tokenizer
     outs = engine.generate(prompts, N_SAMPLES, 1.0, GEN_LEN)
     comps = [c for g in outs for c in g]
     flat = [p for p in prompts for _ in range(N_SAMPLES)]
@@ -116,6 +119,10 @@ def bench_train(run_cfg, mem, policy, optimizer, engine, tok, prompts, peak: flo
     adv, keep = compute_advantages(correct, "W_REINFORCE", 0.1, N_SAMPLES)
     batch = UpdateBatch(flat, [c.token_ids for c in comps], adv, keep)
     gen = torch.Generator().manual_seed(0)
+    settings = UpdateSettings(temperature=1.0, clip_range=0.2, mini_batch_size=len(comps),
+                              max_grad_norm=1.0, pad_id=tok.pad_token_id,
+                              device=torch.device("cuda"),
+                              micro_batch_tokens=mem.micro_batch_tokens, packed=mem.packed)
     engine.sleep()
     n_params = sum(p.numel() for p in policy.parameters())
     fwd_tokens = sum(len(p) + len(r) for p, r in zip(batch.prompts, batch.responses))
@@ -123,10 +130,7 @@ def bench_train(run_cfg, mem, policy, optimizer, engine, tok, prompts, peak: flo
     torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
         t0 = now()
-        policy_update(policy, optimizer, batch, None, temperature=1.0, clip_range=0.2,
-                      mini_batch_size=len(comps), max_grad_norm=1.0, pad_id=tok.pad_token_id,
-                      device=torch.device("cuda"), generator=gen,
-                      micro_batch_tokens=mem.micro_batch_tokens)
+        policy_update(models.trainer, optimizer, batch, settings, gen)
         times.append(now() - t0)
     t = statistics.median(times[1:])
     free, total = torch.cuda.mem_get_info()
@@ -139,12 +143,12 @@ def bench_train(run_cfg, mem, policy, optimizer, engine, tok, prompts, peak: flo
 def bench_sync(policy, engine, reps: int = 5) -> dict:
     awake, asleep = [], []
     for _ in range(reps):
-        engine.sync_weights(policy)
+        engine.load_weights(full_tensors(policy))
         awake.append(engine.last_sync_s)
     if engine.sleep_mode:
         for _ in range(reps):
             engine.sleep()
-            engine.sync_weights(policy)
+            engine.load_weights(full_tensors(policy))
             asleep.append(engine.last_sync_s)
     return {"sync_s": statistics.median(awake[1:]),
             "sync_from_sleep_s": statistics.median(asleep[1:]) if asleep else None}
@@ -167,7 +171,8 @@ def main() -> None:
     device = torch.device("cuda")
     t0 = time.perf_counter()
     mem = resolve_memory(cfg, device, 1250)
-    tok, policy, optimizer, engine, _ = load_models(cfg, device, mem)
+    models = load_models(cfg, device, mem)
+    tok, policy, engine = models.tokenizer, models.policy, models.engine
     r: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(),
                "date": time.strftime("%Y-%m-%d"), "init_s": time.perf_counter() - t0,
                "plan": mem.plan, "peak_bf16_tflops": measured_bf16_peak_tflops()}
@@ -177,8 +182,7 @@ def main() -> None:
     r.update(bench_rollout(engine, prompts, args.reps))
     r.update(profile_generate(engine, prompts))
     r.update(bench_scaling(engine, train.prompt_ids))
-    r.update(bench_train(cfg, mem, policy, optimizer, engine, tok, prompts,
-                         r["peak_bf16_tflops"]))
+    r.update(bench_train(cfg, mem, models, prompts, r["peak_bf16_tflops"]))
     r.update(bench_sync(policy, engine))
 
     rows = [("rollout raw vLLM (s, tok/s)", f"{r['rollout_raw_s']:.3f}",

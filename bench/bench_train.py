@@ -8,17 +8,16 @@ Batch: 64 samples = 32 MATH prompts x 2, responses of random token ids whose len
   full: all 512 tokens (random weights never emit EOS: the worst case), or
   mix:  an ASSUMED mix for an instruct model on MATH: 20% truncated at 512, the rest normal
         (mean 310, sd 110) clipped to [16, 511], so ~350 tokens on average.
-Each row times the run's own update, rlvr.training.policy_update with old_logp=None (pi_old from
+Each row times the run's own update, rlvr.training.policy_update with one mini-batch (pi_old from
 the update's own forward: one optimizer step on all 64 samples): fp32 master weights, bf16
 autocast, AdamW. Median of --reps updates after one warm-up (which also compiles: first_s).
 MFU = 6 * params * real forward tokens / update time / measured bf16 peak (padding and
 recompute not counted); pad_frac = padded tokens computed / real ones - 1. Memory: torch's
 max_memory_allocated and the device's used memory (sampled every 20 ms). old_s: the no-grad
 compute_old_logprobs pass (4x the budget), timed on checkpointing rows only (it never
-checkpoints). compile: "ref" = the LM head as it was before (autograd under checkpoint; with
-padded rows this is the old code path, except that only real response tokens reach the head),
-"eager" = the fused eager head (_ChunkHead), "head" = compiled head, "all" = compiled head and
-decoder layers.
+checkpoints). compile: "ref" = the autograd LM head under checkpoint (only real response tokens
+reach it), "eager" = the fused eager head (_ChunkHead), "head" = compiled head, "all" = compiled
+head and decoder layers.
 """
 
 from __future__ import annotations
@@ -43,13 +42,15 @@ from bench.models import build_random_qwen, math_texts  # noqa: E402
 from bench.timing import measured_bf16_peak_tflops, now  # noqa: E402
 from rlvr import attention, logprobs, training  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
+from rlvr.logprobs import PolicyLogprobs  # noqa: E402
 from rlvr.modeling import load_policy, load_tokenizer  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
+from rlvr.optimizers import make_optimizer  # noqa: E402
 from rlvr.prompts import encode_prompt  # noqa: E402
 from rlvr.training import (  # noqa: E402
     UpdateBatch,
+    UpdateSettings,
     compute_old_logprobs,
-    make_optimizer,
     policy_update,
 )
 
@@ -142,7 +143,8 @@ def computed_tokens(batch: UpdateBatch, row: Row) -> int:
     if row.layout == "packed":
         return sum(batch.seq_len(i) for i in idx)
     return sum(len(mb) * max(batch.seq_len(i) for i in mb)
-               for mb in training.micro_batches(idx, batch, row.budget))
+               for mb in training.micro_batches(idx, [batch.seq_len(i) for i in idx],
+                                                row.budget))
 
 
 def configure(policy, row: Row) -> None:
@@ -155,13 +157,16 @@ def configure(policy, row: Row) -> None:
     logprobs.LOGIT_CHUNK_TOKENS = row.chunk
 
 
+def settings(batch: UpdateBatch, row: Row, pad_id: int, device) -> UpdateSettings:
+    return UpdateSettings(temperature=1.0, clip_range=0.2, mini_batch_size=len(batch.responses),
+                          max_grad_norm=1.0, pad_id=pad_id, device=device,
+                          micro_batch_tokens=row.budget, packed=row.layout == "packed")
+
+
 def one_update(policy, opt, batch: UpdateBatch, row: Row, pad_id: int, device,
                gen: torch.Generator) -> None:
     """The run's own update (pi_old from its own forward: one optimizer step on all samples)."""
-    policy_update(policy, opt, batch, None, temperature=1.0, clip_range=0.2,
-                  mini_batch_size=len(batch.responses), max_grad_norm=1.0, pad_id=pad_id,
-                  device=device, generator=gen, micro_batch_tokens=row.budget,
-                  packed=row.layout == "packed")
+    policy_update(PolicyLogprobs(policy), opt, batch, settings(batch, row, pad_id, device), gen)
 
 
 def time_row(policy, opt, batch: UpdateBatch, row: Row, reps: int, pad_id: int,
@@ -175,8 +180,8 @@ def time_row(policy, opt, batch: UpdateBatch, row: Row, reps: int, pad_id: int,
     if row.ckpt:
         for _ in range(2):
             t0 = now()
-            compute_old_logprobs(policy, batch, 1.0, row.budget, pad_id, device,
-                                 packed=row.layout == "packed")
+            compute_old_logprobs(PolicyLogprobs(policy), batch,
+                                 settings(batch, row, pad_id, device))
             old_s = now() - t0
     return {"first_s": times[0], "update_s": statistics.median(times[1:]), "old_s": old_s}
 

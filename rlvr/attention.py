@@ -1,8 +1,8 @@
 """Attention for packed (padding-free) micro-batches, and compiled decoder layers.
 
 transformers runs any attention function registered under a name; ours sends packed batches (those
-that carry `cu_seq_lens_q`) to torch's flash varlen kernel and everything else to sdpa exactly as
-before, so padded batches and generation are untouched. rlvr/logprobs.py builds the packed batches.
+that carry `cu_seq_lens_q`) to torch's flash varlen kernel and everything else to plain sdpa, so
+padded batches and generation are untouched. rlvr/logprobs.py builds the packed batches.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
                       attention_mask, dropout: float = 0.0, scaling: float | None = None,
                       sliding_window: int | None = None, **kwargs):
     """transformers attention function: varlen for packed batches (those that carry
-    cu_seq_lens_q), sdpa exactly as before for everything else (padded batches, generation)."""
+    cu_seq_lens_q), plain sdpa for everything else (padded batches, generation)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")

@@ -15,34 +15,37 @@ CRC pass over tens of GB). Each checkpoint is written to a temporary directory a
 the previous one is removed only after the new one is complete, so a crash while saving never
 leaves a run without a usable checkpoint. A full disk is a one-line CheckpointError.
 
-Measured on the H100 machine (random Qwen2.5-3B shape, 3.09 B parameters, page cache included),
-before -> after: adamw checkpoint 51.7 s -> 34.7 s (37.0 GB either way: the disk is the limit),
-bf16 final model 5.5 s / 6.8 GB (save_pretrained also wrote the tied lm_head) -> 2.7 s / 6.2 GB,
-resume 31.8 s -> 5.9 s. adamw_kahan: 8.7 s / 24.7 GB and a 0.01 s final model (hard link);
-adamw_8bit: 6.8 s / 18.6 GB.
+In a torchrun job saving and the final model are collective (every rank calls them). Replicated
+(DDP) state is the same on every rank, so rank 0 alone writes the one-process format above: one
+writer, and a checkpoint that resumes at any world size and exports like any other. Sharded
+(FSDP2) state goes through torch.distributed.checkpoint instead (`dcp/` in place of the two
+safetensors files): every rank writes its shards, and a resume at another world size reshards
+on load. The final model is one HF directory either way, gathered one tensor at a time.
 """
 
 from __future__ import annotations
 
 import copy
 import errno
-import importlib
 import json
 import os
 import random
 import shutil
-import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
+from rlvr import dist, tensor_io
 from rlvr.optimizers import OPTIMIZERS
 
 CKPT_DIRNAME = "checkpoints"
 POLICY, OPTIM, OPTIM_META, STATE = ("policy.safetensors", "optimizer.safetensors",
                                     "optimizer_meta.pt", "state.pt")
+SHARDED = "dcp"  # torch.distributed.checkpoint's directory: a sharded (FSDP2) run's state
 FINAL_WEIGHTS = "model.safetensors"
 _ALIASES = "rlvr_aliases"
 # state.pt, optimizer_meta.pt, headers, config and tokenizer files (a Qwen tokenizer is ~11 MB)
@@ -56,10 +59,13 @@ class CheckpointError(OSError):
 
 
 def rng_state() -> dict:
+    """This process's RNG states (rank 0's in a job: every rank seeds alike, and nothing a step
+    computes draws from them per rank; rollouts are seeded per request). CUDA: this process's
+    own GPU only; the states of every visible GPU would open a context on each of them."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -68,7 +74,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # a list of one per GPU where get_rng_state_all wrote it
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list) else cuda)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -95,144 +102,6 @@ def checkpoint_disk_bytes(n_params: int, optim_name: str) -> dict[str, int]:
     return {"checkpoint": ckpt, "final_model": final, "peak": 2 * ckpt + final}
 
 
-# ---- streaming safetensors writer -------------------------------------------------------------
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                       cast: torch.dtype | None = None) -> None:
-    """A safetensors file written one tensor at a time (safetensors' own save_file first copies
-    every GPU tensor to the host: 37 GB of host RAM for a 3B fp32 checkpoint).
-
-    `cast` converts floating-point tensors on their device, one at a time, as they are written.
-    """
-    def out_dtype(t: torch.Tensor) -> torch.dtype:
-        return cast if cast is not None and t.is_floating_point() else t.dtype
-
-    header: dict[str, dict] = {}
-    offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * out_dtype(t).itemsize
-        header[name] = {"dtype": _ST_DTYPES[out_dtype(t)], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for t in tensors.values():
-            host = t.detach().to(dtype=out_dtype(t)).to("cpu").contiguous()
-            if host.numel():
-                f.write(host.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path), device="cpu"), meta
-
-
-def _unique(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors with tied ones (lm_head.weight = embed_tokens.weight) once, and the aliases."""
-    seen: dict[tuple, str] = {}
-    unique, aliases = {}, {}
-    for k, t in state.items():
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-        if t.numel() and key in seen:
-            aliases[k] = seen[key]
-        else:
-            seen[key] = k
-            unique[k] = t
-    return unique, aliases
-
-
-def _nbytes(tensors: dict[str, torch.Tensor], cast: torch.dtype | None = None) -> int:
-    return sum(t.numel() * (cast.itemsize if cast is not None and t.is_floating_point()
-                            else t.element_size()) for t in tensors.values())
-
-
-# ---- optimizer state_dict <-> (skeleton, flat tensors) ---------------------------------------
-
-_TENSOR, _SUBCLASS = "__rlvr_tensor__", "__rlvr_tensor_subclass__"
-# tensor subclasses a skeleton may name (torchao's 8-bit moments); nothing else is imported
-_SUBCLASS_MODULES = ("torchao.optim.",)
-
-
-def _flatten(obj, path: str, out: dict[str, torch.Tensor]):
-    if torch.is_tensor(obj):
-        if hasattr(obj, "__tensor_flatten__"):
-            names, attrs = obj.__tensor_flatten__()
-            cls = type(obj)
-            return {_SUBCLASS: f"{cls.__module__}:{cls.__qualname__}", "attrs": list(attrs),
-                    "inner": {n: _flatten(getattr(obj, n), f"{path}.{n}", out) for n in names}}
-        out[path] = obj
-        return {_TENSOR: path}
-    if isinstance(obj, dict):
-        return {k: _flatten(v, f"{path}.{k}", out) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_flatten(v, f"{path}.{i}", out) for i, v in enumerate(obj))
-    return obj
-
-
-def _unflatten(obj, tensors: dict[str, torch.Tensor]):
-    if isinstance(obj, dict) and _TENSOR in obj:
-        return tensors[obj[_TENSOR]]
-    if isinstance(obj, dict) and _SUBCLASS in obj:
-        module, _, name = obj[_SUBCLASS].partition(":")
-        if not module.startswith(_SUBCLASS_MODULES):
-            raise ValueError(f"checkpoint names an unexpected tensor class {obj[_SUBCLASS]}")
-        cls = getattr(importlib.import_module(module), name)
-        inner = {k: _unflatten(v, tensors) for k, v in obj["inner"].items()}
-        return cls.__tensor_unflatten__(inner, obj["attrs"], None, None)
-    if isinstance(obj, dict):
-        return {k: _unflatten(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_unflatten(v, tensors) for v in obj)
-    return obj
-
-
-def _pair_tensors(live, saved, pairs: list) -> bool:
-    """Walk two state_dicts together; collect (live, saved) plain tensor pairs. False if their
-    structure, shapes, dtypes or any non-tensor value (hyperparameters) differ."""
-    if torch.is_tensor(live):
-        if not torch.is_tensor(saved) or type(live) is not type(saved):
-            return False
-        if hasattr(live, "__tensor_flatten__"):
-            names, attrs = live.__tensor_flatten__()
-            return list(attrs) == list(saved.__tensor_flatten__()[1]) and all(
-                _pair_tensors(getattr(live, n), getattr(saved, n), pairs) for n in names)
-        pairs.append((live, saved))
-        return live.shape == saved.shape and live.dtype == saved.dtype
-    if isinstance(live, dict):
-        return (isinstance(saved, dict) and live.keys() == saved.keys()
-                and all(_pair_tensors(live[k], saved[k], pairs) for k in live))
-    if isinstance(live, (list, tuple)):
-        return (isinstance(saved, (list, tuple)) and len(live) == len(saved)
-                and all(_pair_tensors(a, b, pairs) for a, b in zip(live, saved)))
-    return live == saved
-
-
-@torch.no_grad()
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Copy into the live (preallocated) state tensors when the structure matches: no second
-    copy of the state on the GPU (25 GB at 3B) and the up-front allocation is kept. Otherwise
-    (state not allocated, other hyperparameters) the library's load_state_dict."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if _pair_tensors(optimizer.state_dict(), saved, pairs):
-        for dst, src in pairs:
-            dst.copy_(src)
-    else:
-        optimizer.load_state_dict(saved)
-    if hasattr(optimizer, "reload_params"):  # the offload's host copies of the weights
-        optimizer.reload_params()
-
-
 # ---- save / load ------------------------------------------------------------------------------
 
 def _disk_full(e: BaseException) -> bool:
@@ -243,13 +112,15 @@ def _disk_full(e: BaseException) -> bool:
                                             or "No space left" in str(e))
 
 
-def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None]) -> Path:
+def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None],
+               every_rank: Callable[[Path], None] | None = None) -> Path:
     """Write into a temporary sibling of `final` and rename it into place; on any failure
-    remove the temporary directory, and name a full disk as such."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    remove the temporary directory, and name a full disk as such. Rank 0 makes, fills (`write`)
+    and renames the directory; `every_rank(tmp)`, when given, runs on every rank of the job
+    first (all call this then), once the directory exists."""
+    main = dist.is_main()
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    free = shutil.disk_usage(final.parent).free
+    free = 0
 
     def full(cause: BaseException | None) -> CheckpointError:
         err = CheckpointError(f"disk is full: {what} needs {need / 1e9:.2f} GB ({need} bytes) "
@@ -258,50 +129,100 @@ def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None])
         err.__cause__ = cause
         return err
 
-    if free < need:
-        raise full(None)
-    tmp.mkdir()
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(final.parent).free
+        if free < need:
+            raise full(None)
+        tmp.mkdir()
     try:
-        write(tmp)
+        if every_rank is not None:
+            dist.barrier()  # the directory exists before any rank writes into it
+            every_rank(tmp)
+        if main:
+            write(tmp)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left behind
         if _disk_full(e):
             raise full(e) from e
         raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     return final
+
+
+def _is_sharded(policy: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in policy.parameters())
 
 
 def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+    """checkpoints/step_<step>/ of `policy` (the HF model) and `optimizer`, with `extra` in
+    state.pt; the previous checkpoint removed once it is complete. Collective in a torchrun job."""
     root = Path(run_dir) / CKPT_DIRNAME
-    weights, aliases = _unique(policy.state_dict())
+    final = root / f"step_{step}"
+    state = {"step": step, "rng": rng_state(), **extra}
+    if _is_sharded(policy):
+        _save_sharded(final, step, policy, optimizer, state)
+    elif dist.is_main():  # [dist] replicated state: rank 0 writes it (see the module doc)
+        _save_replicated(final, step, policy, optimizer, state)
+    dist.barrier()  # complete before any rank goes on (to the next step, or to exit)
+    if dist.is_main():
+        for old in root.glob("step_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save_replicated(final: Path, step: int, policy: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, state: dict) -> None:
+    weights, aliases = tensor_io.unique_tensors(policy.state_dict())
     opt_tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten(optimizer.state_dict(), "opt", opt_tensors)
-    need = _nbytes(weights) + _nbytes(opt_tensors) + _SMALL_FILES_BYTES
+    skeleton = tensor_io.flatten_state(optimizer.state_dict(), "opt", opt_tensors)
+    need = tensor_io.nbytes(weights) + tensor_io.nbytes(opt_tensors) + _SMALL_FILES_BYTES
 
     def write(tmp: Path) -> None:
-        _write_safetensors(tmp / POLICY, weights, {"format": "pt", _ALIASES: json.dumps(aliases)})
-        _write_safetensors(tmp / OPTIM, opt_tensors, {"format": "pt"})
+        tensor_io.write_safetensors(tmp / POLICY, weights,
+                                    {"format": "pt", _ALIASES: json.dumps(aliases)})
+        tensor_io.write_safetensors(tmp / OPTIM, opt_tensors, {"format": "pt"})
         torch.save(skeleton, tmp / OPTIM_META)
-        torch.save({"step": step, "rng": rng_state(), **extra}, tmp / STATE)  # last: complete
+        torch.save(state, tmp / STATE)  # last: complete
 
-    final = _write_dir(root / f"step_{step}", need, f"the step-{step} checkpoint", write)
-    for old in root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    _write_dir(final, need, f"the step-{step} checkpoint", write)
+
+
+def _save_sharded(final: Path, step: int, policy: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, state: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    # of all ranks: a DTensor counts whole
+    need = tensor_io.tree_bytes(model_sd) + tensor_io.tree_bytes(optim_sd) + _SMALL_FILES_BYTES
+
+    def shards(tmp: Path) -> None:
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+
+    _write_dir(final, need, f"the step-{step} checkpoint",
+               lambda tmp: torch.save(state, tmp / STATE), every_rank=shards)
 
 
 def load_policy_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """The policy weights of a checkpoint directory (every state_dict key, tied ones included),
-    on the CPU, in the dtype they were trained in; memory-mapped, so cheap to call."""
+    on the CPU, in the dtype they were trained in; memory-mapped (one-process format), so cheap
+    to call. A sharded checkpoint is read whole into this process."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / POLICY).exists() and (ckpt_dir / "policy.pt").exists():  # older runs
-        return torch.load(ckpt_dir / "policy.pt", map_location="cpu", weights_only=True,
-                          mmap=True)
-    tensors, meta = _load_safetensors(ckpt_dir / POLICY)
+    if (ckpt_dir / SHARDED).is_dir():
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            return _load_state_dict_from_keys({"model"},
+                                              checkpoint_id=str(ckpt_dir / SHARDED))["model"]
+    tensors, meta = tensor_io.load_safetensors(ckpt_dir / POLICY)
     for alias, target in json.loads(meta.get(_ALIASES, "{}")).items():
         tensors[alias] = tensors[target]
     return tensors
@@ -309,19 +230,36 @@ def load_policy_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: Path, policy: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict:
-    # From memory-mapped host tensors, copied into the live ones: no second copy of the weights
-    # (12 GB at 3B) or of the optimizer state sits on the GPU next to vLLM.
+    """Load a checkpoint into the live policy and optimizer (every rank, whatever world size
+    wrote it); returns its state.pt."""
     path = Path(path)
-    policy.load_state_dict(load_policy_state(path))
-    if (path / OPTIM).exists():
-        tensors, _ = _load_safetensors(path / OPTIM)
-        saved = _unflatten(torch.load(path / OPTIM_META, weights_only=True), tensors)
-    else:  # older runs: the whole state_dict in one torch.save file
-        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    _load_optimizer_state(optimizer, saved)
+    if (path / SHARDED).is_dir():
+        _load_sharded(path / SHARDED, policy, optimizer)
+    else:
+        # From memory-mapped host tensors, copied into the live ones: no second copy of the
+        # weights or of the optimizer state sits on the GPU next to vLLM.
+        policy.load_state_dict(load_policy_state(path))
+        tensors, _ = tensor_io.load_safetensors(path / OPTIM)
+        skeleton = torch.load(path / OPTIM_META, weights_only=True)
+        tensor_io.load_optimizer_state(optimizer, tensor_io.unflatten_state(skeleton, tensors))
     state = torch.load(path / STATE, weights_only=False)
     set_rng_state(state["rng"])
     return state
+
+
+def _load_sharded(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Into the live (sharded) state: DCP reads each rank's part of every tensor, so the job may
+    have another world size than the one that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    with warnings.catch_warnings():  # alone: "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(policy, optimizer, model_state_dict=sd["model"],
+                   optim_state_dict=sd["optimizer"])
 
 
 def _same_bf16_layout(path: Path, weights: dict[str, torch.Tensor]) -> bool:
@@ -336,7 +274,7 @@ def _same_bf16_layout(path: Path, weights: dict[str, torch.Tensor]) -> bool:
         if set(f.keys()) != set(weights):
             return False
         return all(f.get_slice(k).get_shape() == list(t.shape)
-                   and f.get_slice(k).get_dtype() == _ST_DTYPES[t.dtype]
+                   and f.get_slice(k).get_dtype() == tensor_io.ST_DTYPES[t.dtype]
                    for k, t in weights.items())
 
 
@@ -344,15 +282,25 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
                       checkpoint: Path | None = None) -> Path:
     """The trained policy in HF format (bf16, as released checkpoints are) to load anywhere.
 
-    Weights are cast to bf16 one tensor at a time on their device as they are written. If the
-    policy already trains in bf16 and `checkpoint` is the checkpoint just saved of this same
-    policy, its weights file is hard-linked instead of written again.
+    Weights are cast to bf16 one tensor at a time on their device as they are written (sharded:
+    gathered one at a time, every rank taking part, rank 0 writing). If the policy already trains
+    in bf16 and `checkpoint` is the checkpoint just saved of this same policy, its weights file
+    is hard-linked instead of written again. Collective in a torchrun job.
     """
-    weights, _ = _unique(policy.state_dict())
+    out = Path(run_dir) / "final_model"
+    sharded = _is_sharded(policy)
+    if not (sharded or dist.is_main()):  # [dist] replicated: rank 0 has it all
+        dist.barrier()
+        return out
+    weights, _ = tensor_io.unique_tensors(policy.state_dict())
     link = Path(checkpoint) / POLICY if checkpoint is not None else None
     if link is not None and not _same_bf16_layout(link, weights):
         link = None
-    need = _SMALL_FILES_BYTES + (0 if link else _nbytes(weights, torch.bfloat16))
+    need = _SMALL_FILES_BYTES + (0 if link else tensor_io.nbytes(weights, torch.bfloat16))
+
+    def tensors(tmp: Path) -> None:
+        tensor_io.write_safetensors(tmp / FINAL_WEIGHTS if dist.is_main() else None, weights,
+                           {"format": "pt"}, cast=torch.bfloat16)
 
     def write(tmp: Path) -> None:
         if link is not None:
@@ -360,9 +308,8 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
                 os.link(link, tmp / FINAL_WEIGHTS)
             except OSError:  # another file system, or links not supported
                 shutil.copyfile(link, tmp / FINAL_WEIGHTS)
-        else:
-            _write_safetensors(tmp / FINAL_WEIGHTS, weights, {"format": "pt"},
-                               cast=torch.bfloat16)
+        elif not sharded:
+            tensors(tmp)
         config = copy.deepcopy(policy.config)
         config.dtype = torch.bfloat16  # else from_pretrained would load the bf16 file as fp32
         config.architectures = [type(policy).__name__]
@@ -371,4 +318,6 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
             policy.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_dir(Path(run_dir) / "final_model", need, "the final model", write)
+    _write_dir(out, need, "the final model", write, every_rank=tensors if sharded else None)
+    dist.barrier()
+    return out

@@ -93,6 +93,14 @@ class Config:
                                 "compiling costs ~60 s at start, so it pays after ~130 steps")
     dry_run: bool = _opt(False, "print the memory plan and exit (reads only the model's "
                                 "config.json)")
+    # --- several GPUs (torchrun; see README "Several GPUs and nodes")
+    fsdp: bool = _opt(False, "shard the policy's weights, gradients and AdamW state over the "
+                             "job's GPUs (FSDP2) instead of replicating them on each (DDP); the "
+                             "memory plan also picks it when replicated state does not fit "
+                             "(torchrun, vLLM and --optim adamw only)")
+    rollout_tp: int = _opt(1, "GPUs that share one vLLM engine (tensor parallel) in a torchrun "
+                              "job, for a model whose rollouts do not fit one card; must divide "
+                              "the GPUs per node")
     # --- evaluation
     eval_every: int = _opt(10, "evaluate every N steps (also at step 0 and after the last step)")
     eval_n: int = _opt(4, "samples per eval problem (pass@k for k = 1, 2, 4, ... <= n)")
@@ -146,6 +154,7 @@ class Config:
         """The first inconsistent or out-of-range setting, as a one-line message; None if fine."""
         positive_ints = ("max_tokens", "rollout_batch_size", "rollouts_per_prompt",
                          "max_prompt_tokens", "eval_every", "eval_n", "vllm_max_num_seqs",
+                         "rollout_tp",
                          "mini_batch_size", "micro_batch_tokens", "eval_limit", "eval_max_tokens",
                          "grader_workers")
         for name in positive_ints:
@@ -175,12 +184,43 @@ class Config:
             (self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "--gpu_memory_gb must be > 0"),
             (self.host_memory_gb is None or self.host_memory_gb > 0,
              "--host_memory_gb must be > 0"),
+            (not self.fsdp or self.backend != "hf",
+             "--fsdp needs the vLLM engine: the HF engine samples with the policy's own "
+             "weights, which FSDP shards"),
+            (self.rollout_tp == 1 or self.backend != "hf",
+             "--rollout_tp needs the vLLM engine (--backend vllm or auto)"),
+            (not self.fsdp or self.optim in ("auto", "adamw"),
+             f"--fsdp shards exact AdamW only (--optim adamw or auto); --optim {self.optim} "
+             "keeps optimizer state FSDP does not shard"),
         ]
         for ok, msg in checks:
             if not ok:
                 return msg
         if self.backend == "vllm" and not self.dry_run:
             return _vllm_missing()
+        return None
+
+    def launch_problem(self, world_size: int, gpus_per_node: int, torchrun: bool,
+                       cuda: bool) -> str | None:
+        """What makes these settings unable to run in this launch (one line), or None: a job of
+        `world_size` ranks with `gpus_per_node` per node (torchrun's WORLD_SIZE and
+        LOCAL_WORLD_SIZE; 1 and 1 for a plain process)."""
+        tp = self.rollout_tp
+        if (self.fsdp or tp > 1) and not cuda:
+            flag = "--fsdp" if self.fsdp else "--rollout_tp"
+            return f"{flag} needs CUDA GPUs (and vLLM for the rollouts); this machine has none"
+        if (self.fsdp or tp > 1) and not torchrun:
+            flag = "--fsdp" if self.fsdp else "--rollout_tp"
+            return (f"{flag} runs under torchrun: torchrun --nproc_per_node N MATH_experiment.py "
+                    "... (N = 1 for one GPU)")
+        if world_size % tp or gpus_per_node % tp:
+            return (f"--rollout_tp {tp} must divide the GPUs: {world_size} in the job, "
+                    f"{gpus_per_node} per node (a tensor-parallel engine stays on one node)")
+        if self.prompts_per_step % world_size:
+            return (f"{self.prompts_per_step} prompts per step (--rollout_batch_size "
+                    f"{self.rollout_batch_size} / --rollouts_per_prompt "
+                    f"{self.rollouts_per_prompt}) do not split evenly over the job's "
+                    f"{world_size} ranks: make it a multiple of {world_size}")
         return None
 
     def to_json(self) -> dict:
@@ -222,7 +262,7 @@ RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature",
                     "n_eval_examples_logged", "grader_workers", "grade_timeout_s", "backend",
                     "gpu_mem_util", "vllm_sleep", "vllm_max_num_seqs", "output_dir",
                     "logprob_gap_every", "gpu_memory_gb", "host_memory_gb", "micro_batch_tokens",
-                    "gradient_checkpointing", "dry_run", "debug", "compile"}
+                    "gradient_checkpointing", "dry_run", "debug", "compile", "rollout_tp"}
 
 
 def _help_text(f: dataclasses.Field) -> str:

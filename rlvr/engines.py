@@ -1,4 +1,6 @@
-"""Rollout engines: one small interface, an HF `generate` engine (CPU, tests) and vLLM (GPU).
+"""Rollout engines: one small interface (rlvr.rollout.RolloutEngine), an HF `generate` engine
+(CPU, tests) and vLLM (GPU, rlvr/vllm_engine.py), and `make_engine`, the one place that picks and
+builds either.
 
 Both sample with exactly the requested temperature, top-p 1, top-k off and no repetition penalty.
 A model's own generation_config (Qwen2.5-Instruct ships top_k 20, top_p 0.8 and a repetition
@@ -7,12 +9,13 @@ penalty) must never leak in, or the rollouts are not samples of the policy being
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from rlvr.logprobs import autocast_ctx
-from rlvr.rollout import Completion
+from rlvr.rollout import Completion, RolloutEngine
 from rlvr.sampling import SEED_RANGE, RowSampler
 
 # Working memory one HF `generate` call may use (KV cache, prefill activations, logits) when the
@@ -27,14 +30,11 @@ GPU_GENERATION_BUDGET_SHARE = 1 / 8
 @dataclass(frozen=True)
 class GenerationCost:
     """Bytes one sequence costs inside `generate`, from the model's shapes: upper bounds of peak
-    RSS measured on CPU (transformers 5.17, sdpa, glibc malloc), which tests/test_engines.py
-    holds to a measurement of the test model.
-
-    SmolLM2-135M (30 layers, KV 46 KB per token in fp32) in one call: 8 x 400 prompt tokens
-    + 16 new peaked at 363-429 MB, 16 x 300 + 8 at 651 MB, 8 x 200 + 256 at 219 MB; the 2-layer
-    test model 64 x 1,000 + 1 at 546 MB. Prefill holds about a second copy of the KV cache and
-    ~(12 hidden + 6 intermediate) fp32 values per prompt token beyond it (activations, and what
-    the allocator does not hand back between layers); the padding mask is [b, 1, L, L] fp32.
+    RSS on CPU (transformers 5.17, sdpa, glibc malloc), which tests/test_engines.py holds to a
+    measurement of the test model (docs/PERFORMANCE.md has the calibration runs). Prefill holds
+    about a second copy of the KV cache and ~(12 hidden + 6 intermediate) fp32 values per prompt
+    token beyond it (activations, and what the allocator does not hand back between layers); the
+    padding mask is [b, 1, L, L] fp32.
     """
 
     kv_per_token: int       # K and V of every layer for one position, in the cache's dtype
@@ -199,10 +199,11 @@ class HFEngine:
             ))
         return completions
 
-    def sync_weights(self, policy):
-        assert policy is self.policy, "the HF engine samples from the policy object itself"
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Nothing to load: generate() samples with the policy module itself, whose weights are
+        the trainer's. The iterator is left unconsumed (producing its tensors would be waste)."""
 
-    def sleep(self):
+    def sleep(self) -> None:
         pass
 
 
@@ -213,3 +214,34 @@ def vllm_available() -> bool:
         return False
     return torch.cuda.is_available()
 
+
+
+def make_engine(backend: str, model_dir: str, tokenizer, eos_ids: list[int], *,
+                policy: torch.nn.Module | None = None, max_model_len: int, seed: int,
+                max_num_seqs: int = 512, sleep_mode: bool = False,
+                kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None,
+                tensor_parallel: int = 1, distributed: bool = False) -> RolloutEngine:
+    """The rollout engine for `backend` ("auto": vLLM where CUDA and the vllm package are
+    present, else HF). HF samples with `policy` (loaded from `model_dir` when not given: fp32 on
+    CPU, bf16 autocast on a GPU). vLLM loads `model_dir` in bf16; `kv_cache_bytes` or
+    `gpu_mem_util` size it (see VLLMEngine); `distributed` makes it one engine per rank of a
+    torchrun job (`tensor_parallel` consecutive ranks sharing one, see VLLMEngine)."""
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+    if backend == "hf":
+        if tensor_parallel != 1:
+            raise ValueError("tensor-parallel rollouts need the vLLM engine")
+        if policy is None:
+            from rlvr.modeling import load_policy
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            policy = load_policy(model_dir, device, False)
+        return HFEngine(policy, tokenizer, eos_ids)
+    if backend != "vllm":
+        raise ValueError(f"unknown rollout backend {backend!r}: auto, vllm or hf")
+    from rlvr.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_dir, tokenizer, eos_ids, max_model_len=max_model_len, seed=seed,
+                      max_num_seqs=max_num_seqs, sleep_mode=sleep_mode,
+                      kv_cache_bytes=kv_cache_bytes, gpu_mem_util=gpu_mem_util,
+                      tensor_parallel=tensor_parallel, distributed=distributed)

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
+from rlvr import dist
 from rlvr.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_policy
+from rlvr.cli import fail
 from rlvr.config import Config, parse_config
 from rlvr.eval_run import (
     EvalProblem,
@@ -26,8 +29,10 @@ from rlvr.eval_run import (
     training_eval_metrics,
 )
 from rlvr.evaluation import format_eval_table
+from rlvr.fsdp import full_tensors
 from rlvr.objectives import compute_advantages
 from rlvr.reward import BatchGrader
+from rlvr.rollout import RolloutEngine
 from rlvr.run_setup import (
     Problems,
     Resolved,
@@ -42,11 +47,12 @@ from rlvr.run_setup import (
 )
 from rlvr.sampling import sampling_seed
 from rlvr.tracking import ProcessMemorySampler, RunLogger
-from rlvr.training import UpdateBatch, compute_old_logprobs, needs_old_logprobs, policy_update
+from rlvr.training import UpdateBatch, UpdateSettings, policy_update
 
 
 class PromptSampler:
-    """Training prompts without replacement, reshuffled every epoch; resumable from (epoch, pos)."""
+    """Training prompts without replacement, reshuffled every epoch; resumable from (epoch, pos).
+    One global sampler: every rank of a job draws the same prompts and keeps its own part."""
 
     def __init__(self, n: int, seed: int, epoch: int = 0, pos: int = 0):
         self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
@@ -76,16 +82,18 @@ class Run:
     cfg: Config
     device: torch.device
     tokenizer: object
-    policy: torch.nn.Module
+    policy: torch.nn.Module   # the HF model (weights for the engine, checkpoints)
+    trainer: torch.nn.Module  # what the update calls: logprobs.PolicyLogprobs, in DDP or FSDP2
     optimizer: torch.optim.Optimizer
-    engine: object
+    engine: RolloutEngine
     grader: BatchGrader
     train: Problems
     evalset: list[EvalProblem]
     mem: Resolved
     sampler: PromptSampler
-    gen: torch.Generator
-    ref_model: torch.nn.Module | None = None
+    gen: torch.Generator      # the mini-batch order: the same state on every rank
+    update: UpdateSettings
+    ref_model: torch.nn.Module | None = None  # PolicyLogprobs of the frozen initial policy
     mem_sampler: ProcessMemorySampler | None = None
     history: list = field(default_factory=list)
 
@@ -104,35 +112,11 @@ def wants_sampler_logprobs(cfg: Config, engine_name: str, step: int) -> bool:
     return engine_name != "hf" and every > 0 and (step == 1 or step % every == 0)
 
 
-def update_policy(run: Run, batch: UpdateBatch) -> dict[str, float]:
-    """Step 4: pi_old and the reference log-probs when needed, then the mini-batch updates."""
-    cfg, pad = run.cfg, run.tokenizer.pad_token_id
-    old_logp = None  # one optimizer update: pi_old comes from the update's own forward
-    if needs_old_logprobs(batch, cfg.mini_batch, cfg.loss_agg):
-        old_logp, _ = compute_old_logprobs(run.policy, batch, cfg.temperature,
-                                           run.mem.micro_batch_tokens, pad, run.device,
-                                           with_entropy=False, packed=run.mem.packed)
-    ref_logp = None
-    if run.ref_model is not None:
-        ref_logp, _ = compute_old_logprobs(run.ref_model, batch, cfg.temperature,
-                                           run.mem.micro_batch_tokens, pad, run.device,
-                                           with_entropy=False, packed=run.mem.packed)
-    upd = policy_update(run.policy, run.optimizer, batch, old_logp, temperature=cfg.temperature,
-                        clip_range=cfg.clip_range, mini_batch_size=cfg.mini_batch,
-                        max_grad_norm=cfg.max_grad_norm, pad_id=pad, device=run.device,
-                        generator=run.gen, micro_batch_tokens=run.mem.micro_batch_tokens,
-                        loss_agg=cfg.loss_agg, entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef,
-                        ref_logp=ref_logp, rollout_is=cfg.rollout_is,
-                        rollout_is_cap=cfg.rollout_is_cap, packed=run.mem.packed)
-    upd["separate_old_logprob_pass"] = float(old_logp is not None)
-    return upd
-
-
 def train_step(run: Run, step: int) -> dict[str, float]:
     cfg, k = run.cfg, run.cfg.rollouts_per_prompt
     t = {"start": time.perf_counter()}
-    # 1. generate
-    idx = run.sampler.next(cfg.prompts_per_step)
+    # 1. generate  [dist] this rank's whole prompt groups of the step's global batch
+    idx = dist.shard(run.sampler.next(cfg.prompts_per_step))
     outs = run.engine.generate([run.train.prompt_ids[i] for i in idx], n=k,
                                temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                                return_logprobs=wants_sampler_logprobs(cfg, run.engine.name, step),
@@ -156,37 +140,45 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     if run.device.type == "cuda":
         torch.cuda.empty_cache()  # the rollout's cached blocks must not sit between activations
     t["update_start"] = time.perf_counter()
-    upd = update_policy(run, batch)
+    # [dist] the mini-batch schedule and its normalisers are the global batch's (training.py)
+    upd = policy_update(run.trainer, run.optimizer, batch, run.update, run.gen, run.ref_model)
     if run.device.type == "cuda":
         torch.cuda.synchronize()  # the last optimizer step's kernels belong to the update
     t["update_end"] = time.perf_counter()
     sample_memory(run)
     t["train"] = time.perf_counter()
-    # 5. sync weights into the rollout engine
-    run.engine.sync_weights(run.policy)
+    # 5. sync weights into the rollout engine  [dist] FSDP: each parameter gathered on every rank
+    run.engine.load_weights(full_tensors(run.policy))
     t["sync"] = time.perf_counter()
     return step_metrics(run, comps, correct, keep, graded, upd, t)
 
 
 def step_metrics(run: Run, comps, correct, keep, graded, upd: dict, t: dict) -> dict[str, float]:
+    # [dist] the figures of the global batch: every rank's samples and counts, gathered
+    samples = dist.all_gather_rows(torch.tensor(
+        [[float(r), float(kk), len(c.token_ids), float(c.truncated)]
+         for r, kk, c in zip(correct.tolist(), keep.tolist(), comps)], dtype=torch.float64))
+    n_timeouts, n_no_box = dist.all_reduce_sum(
+        torch.tensor([graded.n_timeouts, graded.n_no_box], dtype=torch.float64)).tolist()
+    correct, kept, lengths, truncated = samples.T
     groups = correct.view(-1, run.cfg.rollouts_per_prompt)
-    n_gen = sum(len(c.token_ids) for c in comps)
+    n_gen = lengths.sum().item()
     step_s = t["sync"] - t["start"]
     passthrough = ("loss", "grad_norm", "entropy", "clip_frac", "ratio_max", "ratio_min",
                    "ratio_mean", "n_updates", "skipped_empty_minibatches",
                    "nonfinite_minibatches", "separate_old_logprob_pass")
     return {
         "train/reward_mean": correct.mean().item(),
-        "train/samples_kept": int(keep.sum()),
+        "train/samples_kept": int(kept.sum()),
         **{f"train/{k}": upd[k] for k in passthrough},
         **{k: v for k, v in upd.items() if k.startswith("train/")},  # mismatch / IS stats
-        "train/response_len": n_gen / len(comps),
-        "train/truncated_frac": float(np.mean([c.truncated for c in comps])),
+        "train/response_len": n_gen / len(correct),
+        "train/truncated_frac": truncated.mean().item(),
         "train/no_signal_frac": (groups.min(1).values == groups.max(1).values).float().mean()
         .item(),
         "train/skipped_prompts": run.train.n_skipped,
-        "train/grade_timeouts": graded.n_timeouts,
-        "train/no_box_frac": graded.n_no_box / len(comps),
+        "train/grade_timeouts": int(n_timeouts),
+        "train/no_box_frac": n_no_box / len(correct),
         "train/epoch": run.sampler.epoch,
         "time/rollout_s": t["rollout"] - t["start"], "time/reward_s": t["reward"] - t["rollout"],
         "time/train_s": t["train"] - t["reward"], "time/sync_s": t["sync"] - t["train"],
@@ -234,10 +226,17 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
     cfg = run.cfg
     t0 = time.perf_counter()
     greedy = cfg.eval_temperature == 0
-    result = run_eval(run.engine, run.grader, run.evalset, n=1 if greedy else cfg.eval_n,
+    # [dist] each rollout engine evaluates its share of the problems (the ranks of a
+    # tensor-parallel engine the same share); every rank then holds every record once
+    n_engines, engine = dist.engines(cfg.rollout_tp)
+    result = run_eval(run.engine, run.grader, dist.shard(run.evalset, n_engines, engine),
+                      n=1 if greedy else cfg.eval_n,
                       temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                       max_tokens=cfg.eval_max_tokens or cfg.max_tokens, seed=cfg.seed,
                       progress=sys.stdout, label=f"step {at_step}", model=cfg.model_id)
+    parts = dist.all_gather_objects((result.records, result.n_timeouts))[::cfg.rollout_tp]
+    result.records = [r for records, _ in parts for r in records]
+    result.n_timeouts = sum(n for _, n in parts)
     metrics = {f"eval/{k}": v for k, v in training_eval_metrics(result).items()}
     examples = eval_examples(result, cfg.n_eval_examples_logged)
     metrics["time/eval_s"] = time.perf_counter() - t0
@@ -282,10 +281,11 @@ class Eta:
 
 
 def checkpoint(run: Run, at_step: int) -> Path:
+    """[dist] Collective: every rank calls it (checkpoint.py: who writes what)."""
     try:
         return save_checkpoint(run.cfg.run_dir, at_step, run.policy, run.optimizer,
                                {"sampler": run.sampler.state(), "generator": run.gen.get_state(),
-                                "eval_history": run.history})
+                                "eval_history": run.history, "world_size": dist.world().size})
     except (OSError, RuntimeError) as e:  # a full disk is named as such by save_checkpoint
         raise SystemExit(f"error: could not write the step-{at_step} checkpoint under "
                          f"{run.cfg.run_dir}: {str(e).splitlines()[0]}") from None
@@ -300,14 +300,16 @@ def restore(run: Run) -> int:
         print(f"[resume] no checkpoint under {cfg.run_dir}: restarting the run from step 0",
               flush=True)
         for old in [*cfg.run_dir.glob("events.out.tfevents.*"), cfg.run_dir / "metrics.jsonl"]:
-            old.unlink(missing_ok=True)
+            if dist.is_main():  # [dist] rank 0's files
+                old.unlink(missing_ok=True)
     if ckpt is None:
         return 0
+    # every rank loads it, at whatever world size it was written (the data cursor is global)
     state = load_checkpoint(ckpt, run.policy, run.optimizer)
     run.history = state["eval_history"]
     run.sampler = PromptSampler(len(run.train.rows), cfg.seed, **state["sampler"])
     run.gen.set_state(state["generator"])
-    run.engine.sync_weights(run.policy)
+    run.engine.load_weights(full_tensors(run.policy))
     print(f"[resume] continuing {cfg.run_name} from step {state['step']} ({ckpt})", flush=True)
     return state["step"]
 
@@ -326,17 +328,21 @@ def build(cfg: Config) -> Run:
     except ModelSourceError as e:
         raise SystemExit(f"error: --model_id: {e}") from None
     train_rows, test_rows = load_data(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (torch.device("cuda", dist.world().local_rank) if torch.cuda.is_available()
+              else torch.device("cpu"))
     eval_rows = select_eval_rows(test_rows, cfg.eval_limit)
     mem = resolve_memory(cfg, device, len(eval_rows))
-    tokenizer, policy, optimizer, engine, ref_model = load_models(cfg, device, mem)
+    models = load_models(cfg, device, mem)
     seed_everything(cfg.seed)  # after the engine: vLLM's in-process engine reseeds global RNGs
+    tokenizer = models.tokenizer
     train = encode_problems(train_rows, tokenizer, cfg)
-    return Run(cfg, device, tokenizer, policy, optimizer, engine,
+    return Run(cfg, device, tokenizer, models.policy, models.trainer, models.optimizer,
+               models.engine,
                BatchGrader(num_workers=cfg.grader_workers, timeout_s=cfg.grade_timeout_s),
                train, eval_problems(eval_rows, tokenizer, cfg), mem,
                PromptSampler(len(train.rows), cfg.seed), torch.Generator().manual_seed(cfg.seed),
-               ref_model, ProcessMemorySampler() if device.type == "cuda" else None)
+               UpdateSettings.for_run(cfg, mem, tokenizer.pad_token_id, device), models.reference,
+               ProcessMemorySampler() if device.type == "cuda" else None)
 
 
 def run(cfg: Config) -> dict:
@@ -346,10 +352,15 @@ def run(cfg: Config) -> dict:
         return {}
     r = build(cfg)
     step = restore(r)
-    write_config(cfg, r.device, step, r.mem.plan)
-    logger = RunLogger(cfg.run_dir, resume_step=step if step else None)
+    # [dist] rank 0 writes the run's config, logs and metrics (the other ranks' logger is mute)
+    launch = {"world_size": dist.world().size, "mode": "fsdp" if r.mem.fsdp
+              else "ddp" if dist.under_torchrun() else "single"}
+    if dist.is_main():
+        write_config(cfg, r.device, step, r.mem.plan, launch)
+    logger = dist.on_main(lambda: RunLogger(cfg.run_dir, resume_step=step if step else None))
     print(f"[run] {cfg.run_name}: {cfg.objective} on {cfg.model_id}, engine {r.engine.name}, "
-          f"device {r.device}, optimizer {r.mem.optim}, {len(r.train.rows)} train prompts "
+          f"device {r.device} x {launch['world_size']} ({launch['mode']}), optimizer "
+          f"{r.mem.optim}, {len(r.train.rows)} train prompts "
           f"({r.train.n_skipped} skipped), {len(r.evalset)} eval problems", flush=True)
     eta = Eta(cfg, step)
     try:
@@ -388,8 +399,14 @@ def run(cfg: Config) -> dict:
     return {"history": r.history, "run_dir": str(cfg.run_dir)}
 
 
+@record  # under torchrun: a failing rank's exception goes into torchrun's failure summary
 def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     cfg = cfg if cfg is not None else parse_config(argv)
+    launch, cuda = dist.launched(), torch.cuda.is_available()
+    if (problem := cfg.launch_problem(launch.size, launch.local_size, dist.under_torchrun(),
+                                      cuda)) is not None:
+        fail(problem)
+    dist.init("cuda" if cuda else "cpu")  # a torchrun job's process group (nothing alone)
     try:
         run(cfg)
     except KeyboardInterrupt:

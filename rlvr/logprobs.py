@@ -1,6 +1,8 @@
 """Log-probs of sampled tokens under the training policy, without a [B, T, vocab] fp32 tensor.
 
-Two batch layouts, one contract: `collate` right-pads [B, L]; `pack` concatenates every
+`PolicyLogprobs` is the one module call of an update (decoder and chunked LM head inside its
+forward), so that DDP, FSDP2 and torch.compile see every use of the weights. Two batch layouts,
+one contract: `collate` right-pads [B, L]; `pack` concatenates every
 sequence into one row [1, N] with no padding (position ids restart at 0 per sequence). Either way
 `token_logprobs` returns [B, T] log-probs of the response tokens. Packed attention must not cross
 sequences: `enable_packed_attention` installs torch's flash varlen kernel on CUDA; elsewhere
@@ -20,9 +22,8 @@ from rlvr.attention import VARLEN_ATTN, raise_recompile_limit
 
 # Tokens per chunk when projecting hidden states onto the vocabulary: 1,024 x 151,936 logits in fp32
 # is 0.6 GB (about three such tensors are alive in the loss), while a whole 64 x 512 batch would be
-# 20 GB. The matmul is already large at 1,024 rows and the softmax work is per token; a chunk costs
-# ~1 ms of fixed work at 0.5B, so halving it from 2,048 costs ~15 ms a step and saves 1.7 GiB of
-# the memory plan's peak (the 0.5B run's 20 GB target needed it).
+# 20 GB. The matmul is already large at 1,024 rows and the softmax work is per token, so a smaller
+# chunk costs little time and saves memory plan peak (docs/PERFORMANCE.md has the trade-off).
 LOGIT_CHUNK_TOKENS = 1024
 
 
@@ -153,8 +154,7 @@ def token_budget_groups(lengths: Sequence[int], max_tokens: int | None,
 def _chunk_logp_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         inv_temp: float, entropy_grad: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-autograd reference of _ChunkHead; what compile_logit_head compiles (inductor fuses
-    its passes better than the hand-written backward)."""
+    """Plain-autograd reference of _ChunkHead; what compile_logit_head compiles."""
     logits = F.linear(hidden, weight).float() * inv_temp
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
@@ -177,7 +177,7 @@ class _ChunkHead(torch.autograd.Function):
     """log p(target) [C] and entropy [C] of one chunk of C tokens, the [C, V] logits recomputed
     in backward rather than saved. Same maths as _chunk_logp_entropy under checkpoint with about
     a third of its passes over [C, V] tensors: no second forward in backward, a closed-form
-    gradient (bench_train.py's compile=ref rows time the old head)."""
+    gradient (bench_train.py's compile=ref rows time the autograd head)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -228,9 +228,8 @@ _COMPILED_HEAD: list = []  # made once: switching back and forth must not recomp
 
 def use_logit_head(kind: str) -> None:
     """How token_logprobs computes the LM-head chunks, for every model in this process: "fused"
-    (default) _ChunkHead; "autograd" _chunk_logp_entropy under checkpoint, the implementation
-    before it (for comparisons); "compiled" the same, torch.compiled (GPU; see
-    compile_logit_head)."""
+    (default) _ChunkHead; "autograd" _chunk_logp_entropy under checkpoint (for comparisons);
+    "compiled" the same, torch.compiled (GPU; see compile_logit_head)."""
     if kind not in LOGIT_HEADS:
         raise ValueError(f"unknown logit head {kind!r}: one of {LOGIT_HEADS}")
     if kind == "compiled" and not _COMPILED_HEAD:
@@ -313,6 +312,27 @@ def token_logprobs(
     return logp, entropy
 
 
+class PolicyLogprobs(torch.nn.Module):
+    """An HF causal LM as the update sees it: forward(batch) -> (log-probs, entropy) of
+    `token_logprobs`, in one module call.
+
+    Wrappers act on module calls: DDP syncs gradients of what a call used, FSDP2's root unit
+    (this module) gathers the embeddings, final norm and LM head for the whole forward while each
+    decoder layer gathers its own, and compile traces the call. Reading `lm_head.weight` from
+    outside such a call would bypass them. Parameter names under it are `causal_lm.<HF name>`.
+    """
+
+    def __init__(self, causal_lm: torch.nn.Module):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, batch: dict, temperature: float, with_entropy: bool = False,
+                entropy_grad: bool = False, chunk_tokens: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return token_logprobs(self.causal_lm, batch, temperature, with_entropy=with_entropy,
+                              chunk_tokens=chunk_tokens, entropy_grad=entropy_grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile (GPU)
 
@@ -321,8 +341,8 @@ def compile_logit_head(enable: bool = True) -> None:
     """Use a compiled _chunk_logp_entropy (under checkpoint) for the LM-head chunks of every
     model in this process, instead of the eager _ChunkHead.
 
-    The head's cost beyond its matmuls is memory traffic over [chunk, vocab] tensors (~1.2 GB in
-    fp32 per 2,048 tokens): _ChunkHead makes about 4 such passes forward and 4 in backward;
-    inductor fuses the reference's into about one each, reading the bf16 logits.
+    The head's cost beyond its matmuls is memory traffic over [chunk, vocab] tensors: _ChunkHead
+    makes about 4 such passes forward and 4 in backward; inductor fuses the reference's into
+    about one each, reading the bf16 logits.
     """
     use_logit_head("compiled" if enable else "fused")

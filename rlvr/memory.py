@@ -193,6 +193,11 @@ class Workload:
     typical_prompt_tokens: int = 150
     reference_model: bool = False     # a frozen bf16 copy of the initial policy (KL term)
     logit_chunk_tokens: int = 1024    # rlvr/logprobs.py LOGIT_CHUNK_TOKENS (a test checks)
+    # In a torchrun job the plan is one rank's: rollout_seqs and eval_seqs are those of its
+    # engine's share; the policy's state is sharded over `fsdp_shards` ranks (FSDP2) or, None,
+    # replicated (DDP); one vLLM engine spans `rollout_tp` GPUs (tensor parallel).
+    fsdp_shards: int | None = None
+    rollout_tp: int = 1
 
     @property
     def max_model_len(self) -> int:
@@ -214,14 +219,52 @@ def param_bytes(spec) -> int:
     return spec.param_bytes
 
 
-def policy_gib(shape: ModelShape, spec, checkpointing: bool) -> dict[str, float]:
-    """The policy's own tensors: weights, gradients, GPU optimizer state, autocast bf16 copies."""
+def policy_gib(shape: ModelShape, spec, checkpointing: bool,
+               fsdp_shards: int | None = None) -> dict[str, float]:
+    """The policy's own tensors on one GPU: weights, gradients, GPU optimizer state, and the
+    bf16 copies its compute reads: autocast's of fp32 masters, or (FSDP) the gathered units."""
     p = shape.n_params
+    if fsdp_shards is not None:
+        return {"weights": p * param_bytes(spec) / fsdp_shards / GIB,
+                "grads": p * spec.grad_bytes / fsdp_shards / GIB,
+                "optimizer": p * spec.state_bytes / fsdp_shards / GIB,
+                "autocast": fsdp_gathered_bytes(shape) / GIB}
     cast = (shape.layer_matmul_params + shape.vocab * shape.hidden if checkpointing
             else shape.matmul_params)
     copies = cast * AUTOCAST_COPY_BYTES if param_bytes(spec) > 2 else 0
     return {"weights": p * param_bytes(spec) / GIB, "grads": p * spec.grad_bytes / GIB,
             "optimizer": p * spec.state_bytes / GIB, "autocast": copies / GIB}
+
+
+def fsdp_gathered_bytes(shape: ModelShape) -> float:
+    """What FSDP2 holds gathered in bf16 at once: two decoder layers (the one computing and the
+    next, prefetched), the root unit (embeddings, LM head, final norm: gathered for the whole
+    forward and backward), and the bf16 gradients of one layer and the root before they are
+    reduce-scattered."""
+    layer = (shape.n_params - shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+             - shape.hidden) / shape.layers
+    root = shape.n_params - shape.layers * layer
+    return BF16_BYTES * (2 * layer + root) + BF16_BYTES * (layer + root)
+
+
+def reference_gib(shape: ModelShape, wl: Workload) -> float:
+    """A frozen bf16 copy of the initial policy (KL term); sharded like the policy under FSDP."""
+    if not wl.reference_model:
+        return 0.0
+    if wl.fsdp_shards is None:
+        return shape.n_params * BF16_BYTES / GIB
+    return (shape.n_params * BF16_BYTES / wl.fsdp_shards + fsdp_gathered_bytes(shape)) / GIB
+
+
+def vllm_weights_gib(shape: ModelShape, wl: Workload) -> float:
+    """vLLM's bf16 weights on one GPU (its tensor-parallel share)."""
+    return shape.n_params * BF16_BYTES / wl.rollout_tp / GIB
+
+
+def kv_bytes_per_rank_token(shape: ModelShape, wl: Workload) -> float:
+    """KV cache bytes of one token on one GPU: tensor parallelism splits the KV heads (and
+    replicates them beyond their count)."""
+    return shape.kv_bytes_per_token / min(wl.rollout_tp, shape.kv_heads)
 
 
 def activation_gib(shape: ModelShape, tokens: int, checkpointing: bool) -> float:
@@ -348,7 +391,7 @@ def plan_memory(shape: ModelShape, workload: Workload, budget_gib: float, *, opt
 
 _ROWS = (  # label, components added up
     ("policy weights ({dtype})", ("weights",)),
-    ("autocast bf16 weight copies", ("autocast",)),
+    ("bf16 weight copies (autocast, FSDP gathers)", ("autocast",)),
     ("gradients", ("grads",)),
     ("optimizer state ({optim})", ("optimizer",)),
     ("activations ({mb:,}-token micro-batch{ckpt})", ("activations",)),

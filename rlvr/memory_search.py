@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 
 from rlvr.memory import (
     AUTO_OPTIM_ORDER,
-    BF16_BYTES,
     CUDA_CONTEXT_GIB,
     DEFAULT_MICRO_BATCH_TOKENS,
     FRAGMENTATION_SHARE,
@@ -28,12 +27,15 @@ from rlvr.memory import (
     PlanError,
     Workload,
     activation_gib,
+    kv_bytes_per_rank_token,
     kv_tokens_floor,
     kv_tokens_wanted,
     logits_gib,
     policy_gib,
+    reference_gib,
     vllm_overhead_gib,
     vllm_startup_gib,
+    vllm_weights_gib,
 )
 
 
@@ -99,11 +101,11 @@ def _mb_floor(wl: Workload) -> int:
 
 def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, dict]:
     shape, wl = req.shape, req.wl
-    pol = policy_gib(shape, req.specs[s.optim], s.checkpointing)
-    ref = shape.n_params * BF16_BYTES / GIB if wl.reference_model else 0.0
-    vw, ov = shape.n_params * BF16_BYTES / GIB, vllm_overhead_gib(shape, wl)
+    pol = policy_gib(shape, req.specs[s.optim], s.checkpointing, wl.fsdp_shards)
+    ref = reference_gib(shape, wl)
+    vw, ov = vllm_weights_gib(shape, wl), vllm_overhead_gib(shape, wl)
     if req.gpu_mem_util is None:
-        kv = kv_tokens * shape.kv_bytes_per_token / GIB
+        kv = kv_tokens * kv_bytes_per_rank_token(shape, wl) / GIB
     else:  # vLLM sizes its KV cache from what its share leaves
         kv = max(req.gpu_mem_util * req.budget - vw - ov, 0.0)
     act = activation_gib(shape, max(s.micro_batch_tokens, wl.max_train_seq), s.checkpointing)
@@ -139,7 +141,8 @@ def _evaluate(req: _Request, s: _Setting) -> _Eval:
     room = req.limit - sum(rollout.values())
     if not s.sleep:
         room = min(room, req.limit - sum(train.values()))
-    tokens = int(room * GIB // req.shape.kv_bytes_per_token) // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS
+    tokens = (int(room * GIB // kv_bytes_per_rank_token(req.shape, req.wl)) // KV_BLOCK_TOKENS
+              * KV_BLOCK_TOKENS)
     tokens = min(max(tokens, kv_tokens_floor(req.wl)), wanted)
     return _Eval(s, tokens, *_phases(req, s, tokens))
 
@@ -228,7 +231,8 @@ def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim:
         raise PlanError(f"--gpu_mem_util must be in (0, 1), got {util}")
     if mb is not None and mb < 1:
         raise PlanError(f"--micro_batch_tokens must be >= 1, got {mb}")
-    bad = [k for k, v in wl.__dict__.items() if not isinstance(v, bool) and v < 1]
+    bad = [k for k, v in wl.__dict__.items() if isinstance(v, int) and not isinstance(v, bool)
+           and v < 1]
     if bad:
         raise PlanError(f"workload {bad[0]} must be >= 1, got {getattr(wl, bad[0])}")
     req = _Request(shape, wl, float(budget), specs, None if optim == "auto" else optim,
@@ -237,7 +241,7 @@ def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim:
         raise PlanError(f"--optim {optim} keeps {req.host_state_gib(optim):.1f} GiB of optimizer "
                         f"state in host memory, more than {HOST_STATE_SHARE:.0%} of the host's "
                         f"{host_gib:.1f} GiB (--host_memory_gb)")
-    fixed = shape.n_params * BF16_BYTES / GIB + vllm_overhead_gib(shape, wl)
+    fixed = vllm_weights_gib(shape, wl) + vllm_overhead_gib(shape, wl)
     if util is not None and util * budget < fixed:
         raise PlanError(f"--gpu_mem_util {util} gives vLLM {util * budget:.1f} GiB, less than "
                         f"its weights + overhead ({fixed:.1f} GiB); leave it unset")
@@ -248,7 +252,8 @@ def _make_plan(req: _Request, e: _Eval, notes: list[str]) -> MemoryPlan:
     s, spec = e.setting, req.specs[e.setting.optim]
     rollout, train = sum(e.rollout.values()), sum(e.train.values())
     peak = max(rollout, train)
-    kv_bytes = None if e.kv_tokens is None else e.kv_tokens * req.shape.kv_bytes_per_token
+    kv_bytes = (None if e.kv_tokens is None
+                else int(e.kv_tokens * kv_bytes_per_rank_token(req.shape, req.wl)))
     share = e.rollout["vllm_weights"] + e.rollout["kv_cache"] + e.rollout["vllm_overhead"]
     return MemoryPlan(
         optim=s.optim, optim_exact=bool(spec.exact), gradient_checkpointing=s.checkpointing,

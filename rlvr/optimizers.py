@@ -100,7 +100,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, name:
     The parameters are cast in place (same Parameter objects, so tied weights stay tied) to the
     dtype the option keeps. The state is allocated here rather than at the first real step:
     allocated mid-step, it lands in memory segments shared with activations, and those segments
-    can never be returned to the driver while vLLM needs the memory (3B measured 82-90 GB).
+    can never be returned to the driver while vLLM needs the memory (docs/PERFORMANCE.md).
     """
     spec = _spec(name)
     params = list(model.parameters())

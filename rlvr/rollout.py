@@ -6,6 +6,7 @@ importing each other.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,8 +36,11 @@ class RolloutEngine(Protocol):
         the call; without them the engine draws from its own seeded stream.
         """
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Make the next `generate` sample from `policy`'s current weights."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Make the next `generate` sample from these weights: (HF parameter name, whole tensor)
+        pairs, taken one at a time (the trainer decides how each is produced: a cast copy on one
+        GPU, a gather of FSDP shards issued in the same order on every rank). An engine that
+        samples with the trainer's own module (HF) consumes none of them."""
 
     def sleep(self) -> None:
         """Release accelerator memory while the policy trains (no-op where unsupported)."""

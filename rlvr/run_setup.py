@@ -13,10 +13,12 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from rlvr import dist
 from rlvr.attention import enable_packed_attention
 from rlvr.config import RESUMABLE_FIELDS, Config
 from rlvr.data import DataError, load_subset, stratified_subset
@@ -30,6 +32,7 @@ from rlvr.memory import (
     plan_memory,
 )
 from rlvr.prompts import encode_prompt
+from rlvr.rollout import RolloutEngine
 from rlvr.tracking import provenance
 
 # The eval sample must not depend on --seed: runs of several seeds are compared on one problem set.
@@ -83,17 +86,21 @@ def check_run_dir(cfg: Config) -> None:
         raise SystemExit(f"error: nothing to resume: {cfg.run_dir / 'config.json'} not found")
 
 
-def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None) -> None:
-    """config.json: the settings in force now, the memory plan, and how the run got here.
+def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None,
+                 launch: dict | None = None) -> None:
+    """config.json: the settings in force now, the memory plan, the launch (`world_size` and
+    `mode`: single, a plain process; ddp, replicated under torchrun; fsdp, sharded), and how the
+    run got here.
 
-    A resume keeps the original provenance, appends its own under "resumes", and records under
-    "settings_history" which resumable settings changed from which step, so the file always says
-    what steps 0..N-1 ran with.
+    A resume keeps the original provenance, appends its own (with its launch) under "resumes",
+    and records under "settings_history" which resumable settings changed from which step, so
+    the file always says what steps 0..N-1 ran with.
     """
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.run_dir / "config.json"
     now = cfg.to_json()
-    data = {**now, "memory_plan": plan, "provenance": provenance(device),
+    launch = launch or {"world_size": 1, "mode": "single"}
+    data = {**now, "memory_plan": plan, **launch, "provenance": provenance(device),
             "settings_history": [{"from_step": 0, "settings": now}]}
     if cfg.resume and path.exists():
         old = json.loads(path.read_text())
@@ -104,7 +111,7 @@ def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None
         if changed:
             history.append({"from_step": step, "changed": changed})
         data.update(provenance=old.get("provenance", data["provenance"]),
-                    resumes=old.get("resumes", []) + [provenance(device)],
+                    resumes=old.get("resumes", []) + [{**provenance(device), **launch}],
                     settings_history=history)
     tmp = cfg.run_dir / "config.json.tmp"
     tmp.write_text(json.dumps(data, indent=2))
@@ -142,13 +149,19 @@ def read_model_config(model_id: str) -> tuple[dict, str]:
         raise
 
 
-def workload(cfg: Config, eval_problems: int) -> Workload:
+def workload(cfg: Config, eval_problems: int, world_size: int = 1,
+             fsdp: bool = False) -> Workload:
+    """What one rank needs at once: its engine's share of the rollouts and the eval (one engine
+    per --rollout_tp ranks of a `world_size`-rank job), its policy state sharded under FSDP."""
     eval_n = 1 if cfg.eval_temperature == 0 else cfg.eval_n
-    return Workload(rollout_seqs=cfg.rollout_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                    max_tokens=cfg.max_tokens, eval_seqs=eval_problems * eval_n,
+    engines = max(world_size // cfg.rollout_tp, 1)
+    return Workload(rollout_seqs=-(-cfg.rollout_batch_size // engines),
+                    max_prompt_tokens=cfg.max_prompt_tokens,
+                    max_tokens=cfg.max_tokens, eval_seqs=-(-eval_problems // engines) * eval_n,
                     eval_max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
                     max_num_seqs=cfg.vllm_max_num_seqs, reference_model=cfg.kl_coef > 0,
-                    logit_chunk_tokens=LOGIT_CHUNK_TOKENS)
+                    logit_chunk_tokens=LOGIT_CHUNK_TOKENS,
+                    fsdp_shards=world_size if fsdp else None, rollout_tp=cfg.rollout_tp)
 
 
 def card_gib() -> float | None:
@@ -171,17 +184,32 @@ def host_ram_gib(limit_files: tuple[str, ...] = CGROUP_LIMITS) -> float:
     return ram / 2**30
 
 
+def _saved(cfg: Config) -> dict:
+    path = cfg.run_dir / "config.json"
+    return json.loads(path.read_text()) if cfg.resume and path.is_file() else {}
+
+
 def saved_optimizer(cfg: Config) -> str | None:
     """On --resume, the optimizer the run's checkpoint was written by: a new plan must not pick
     another (its state would not load), whatever the card or the budget is now."""
-    path = cfg.run_dir / "config.json"
-    if not cfg.resume or not path.is_file():
-        return None
-    return (json.loads(path.read_text()).get("memory_plan") or {}).get("optim")
+    return (_saved(cfg).get("memory_plan") or {}).get("optim")
 
 
-def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
-    """The memory plan for this run on this card (or on --gpu_memory_gb), or a one-line exit."""
+def saved_mode(cfg: Config) -> str | None:
+    """On --resume, single, ddp or fsdp: the layout the run's checkpoints were written in."""
+    return _saved(cfg).get("mode")
+
+
+def make_plan(cfg: Config, eval_problems: int, fsdp: bool = False) -> MemoryPlan:
+    """The memory plan for one rank of this run on this card (or on --gpu_memory_gb), or a
+    one-line exit."""
+    try:
+        return _plan(cfg, eval_problems, fsdp)
+    except PlanError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _plan(cfg: Config, eval_problems: int, fsdp: bool) -> MemoryPlan:
     budget = cfg.gpu_memory_gb or card_gib()
     if budget is None:
         raise SystemExit("error: no CUDA GPU here to plan for: pass --gpu_memory_gb "
@@ -195,14 +223,34 @@ def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
         raise SystemExit(f"error: cannot read the config.json of --model_id {cfg.model_id}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
     forced = {"true": True, "false": False}
+    optim = saved_optimizer(cfg) or ("adamw" if fsdp else cfg.optim)
+    return plan_memory(
+        shape, workload(cfg, eval_problems, dist.launched().size, fsdp), budget, optim=optim,
+        gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
+        sleep=forced.get(str(cfg.vllm_sleep).lower(), "auto"),
+        micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util,
+        host_gib=cfg.host_memory_gb or host_ram_gib())
+
+
+def choose_plan(cfg: Config, eval_problems: int) -> tuple[MemoryPlan, bool]:
+    """This rank's plan and whether it shards the policy (FSDP): as --fsdp or the resumed run
+    say, else replicated (DDP) where that fits and sharded where only that does (a job of
+    several GPUs, exact AdamW), else the replicated plan's one-line refusal."""
+    fsdp = cfg.fsdp or saved_mode(cfg) == "fsdp"
+    may_shard = (not fsdp and saved_mode(cfg) is None and dist.launched().size > 1
+                 and cfg.optim in ("auto", "adamw") and cfg.backend != "hf")
     try:
-        return plan_memory(
-            shape, workload(cfg, eval_problems), budget, optim=saved_optimizer(cfg) or cfg.optim,
-            gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
-            sleep=forced.get(str(cfg.vllm_sleep).lower(), "auto"),
-            micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util,
-            host_gib=cfg.host_memory_gb or host_ram_gib())
+        return _plan(cfg, eval_problems, fsdp), fsdp
     except PlanError as e:
+        if may_shard:
+            try:
+                plan = _plan(cfg, eval_problems, True)
+            except PlanError:
+                pass
+            else:
+                print("note: replicated weights, gradients and optimizer state do not fit one "
+                      "GPU; sharding them over the job's GPUs (FSDP2)", flush=True)
+                return plan, True
         raise SystemExit(f"error: {e}") from None
 
 
@@ -214,8 +262,11 @@ def eval_problem_count(cfg: Config) -> int:
 
 
 def dry_run(cfg: Config) -> int:
-    plan = make_plan(cfg, eval_problem_count(cfg))
+    plan, fsdp = choose_plan(cfg, eval_problem_count(cfg))
     print(plan.format_table())
+    if (size := dist.launched().size) > 1:
+        layout = "sharded (fsdp)" if fsdp else "replicated (ddp)"
+        print(f"(the plan of one rank of {size}; the policy {layout})")
     return 0
 
 
@@ -230,6 +281,7 @@ class Resolved:
     plan: dict | None = field(default=None)
     # micro-batches packed into one row (varlen attention, no padding): set by load_models
     packed: bool = False
+    fsdp: bool = False  # the policy sharded over the job's GPUs (FSDP2), not replicated (DDP)
 
 
 def memory_fraction(plan: MemoryPlan, card: float) -> float:
@@ -248,41 +300,41 @@ def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Res
         gc = {"true": True}.get(str(cfg.gradient_checkpointing).lower(), False)
         optim = CPU_DEFAULTS["optim"] if cfg.optim == "auto" else cfg.optim
         return Resolved(optim, gc, cfg.micro_batch_tokens or CPU_DEFAULTS["micro_batch_tokens"])
-    plan = make_plan(cfg, eval_problems)
+    plan, fsdp = choose_plan(cfg, eval_problems)
     print(plan.format_table(), flush=True)
     budget = cfg.gpu_memory_gb
     if budget is not None and budget < card_gib():
         torch.cuda.set_per_process_memory_fraction(memory_fraction(plan, card_gib()))
     return Resolved(plan.optim, plan.gradient_checkpointing, plan.micro_batch_tokens,
-                    plan.sleep, plan.kv_cache_bytes, plan.to_dict())
+                    plan.sleep, plan.kv_cache_bytes, plan.to_dict(), fsdp=fsdp)
 
 
 # ----------------------------------------------------------------------------- models and engine
 
 
 def build_engine(cfg: Config, mem: Resolved, policy, tokenizer, model_dir: str, eos_ids):
-    from rlvr.engines import HFEngine, vllm_available
+    """The run's rollout engine (engines.make_engine) as the plan sized it; in a torchrun job one
+    per rank (or per --rollout_tp ranks), seeded by the base seed + its data-parallel rank."""
+    from rlvr.engines import make_engine
 
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
-    if backend == "hf":
-        return HFEngine(policy, tokenizer, eos_ids)
-    from rlvr.vllm_engine import VLLMEngine
-
-    return VLLMEngine(
-        model_dir, tokenizer, eos_ids, seed=cfg.seed, max_num_seqs=cfg.vllm_max_num_seqs,
+    w = dist.world()
+    return make_engine(
+        cfg.backend, model_dir, tokenizer, eos_ids, policy=policy,
+        seed=cfg.seed + w.rank // cfg.rollout_tp, max_num_seqs=cfg.vllm_max_num_seqs,
         max_model_len=cfg.max_prompt_tokens + max(cfg.max_tokens, cfg.eval_max_tokens or 0),
         sleep_mode=mem.sleep, kv_cache_bytes=None if cfg.gpu_mem_util else mem.kv_cache_bytes,
         # the plan gave vLLM gpu_mem_util x the budget; vLLM takes its share of the whole card
-        gpu_mem_util=mem.plan["vllm_share_gib"] / card_gib() if cfg.gpu_mem_util else None)
+        gpu_mem_util=mem.plan["vllm_share_gib"] / card_gib() if cfg.gpu_mem_util else None,
+        tensor_parallel=cfg.rollout_tp, distributed=dist.under_torchrun())
 
 
-def compile_policy(policy, device: torch.device) -> None:
+def compile_policy(policy, device: torch.device, sharded: bool = False) -> None:
     """--compile: regional compilation of the layers plus the LM-head loss; compiling happens
     in the first update."""
-    if device.type != "cuda":
-        print("note: --compile applies on a CUDA GPU only; running eager", flush=True)
+    if device.type != "cuda" or sharded:
+        why = ("is not applied to FSDP's sharded units (not verified there)" if sharded
+               else "applies on a CUDA GPU only")
+        print(f"note: --compile {why}; running eager", flush=True)
         return
     from rlvr.attention import compile_decoder_layers
     from rlvr.logprobs import compile_logit_head
@@ -291,31 +343,61 @@ def compile_policy(policy, device: torch.device) -> None:
     compile_logit_head()
 
 
-def load_models(cfg: Config, device: torch.device, mem: Resolved):
+class Models(NamedTuple):
+    tokenizer: object
+    policy: torch.nn.Module        # the HF model: the HF engine, checkpoints, the sync's names
+    trainer: torch.nn.Module       # PolicyLogprobs over it (in DDP, or FSDP2's root unit)
+    optimizer: torch.optim.Optimizer
+    engine: RolloutEngine
+    reference: torch.nn.Module | None  # PolicyLogprobs of the frozen initial policy (--kl_coef)
+
+
+def _trainer(policy: torch.nn.Module, device: torch.device, sharded: bool,
+             dtype: torch.dtype) -> torch.nn.Module:
+    """The update's module: sharded over the job (FSDP2); or replicated, in DDP under torchrun
+    when it has gradients to synchronise."""
+    from rlvr.logprobs import PolicyLogprobs
+
+    if sharded:
+        from rlvr.fsdp import shard
+
+        return shard(policy, device, dtype)
+    if not any(p.requires_grad for p in policy.parameters()):
+        return PolicyLogprobs(policy)
+    return dist.data_parallel(PolicyLogprobs(policy), device)
+
+
+def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
     """Tokenizer, policy (in the dtype its optimizer keeps), the frozen reference policy for
     --kl_coef, the rollout engine and the optimizer (state allocated now), in that order: vLLM's
-    start-up activations are handed back before the optimizer state takes its room."""
+    start-up activations are handed back before the optimizer state takes its room. Sharded
+    (FSDP), a model is loaded on the host in the checkpoint's bf16 and cast and moved to the GPU
+    one unit at a time."""
+    from rlvr.fsdp import full_tensors
     from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer, resolve_model_dir
-    from rlvr.optimizers import check_libraries, param_dtype_for
-    from rlvr.training import make_optimizer
+    from rlvr.optimizers import check_libraries, make_optimizer, param_dtype_for
 
+    host = torch.device("cpu")
     try:
         model_dir = resolve_model_dir(cfg.model_id)
         tokenizer = load_tokenizer(model_dir)
-        policy = load_policy(model_dir, device, mem.gradient_checkpointing,
-                             dtype=param_dtype_for(mem.optim))
+        policy = load_policy(model_dir, host if mem.fsdp else device, mem.gradient_checkpointing,
+                             dtype=torch.bfloat16 if mem.fsdp else param_dtype_for(mem.optim))
     except (OSError, ValueError) as e:  # a bad path or hub id, an unsupported model
         raise SystemExit(f"error: cannot load --model_id {cfg.model_id}: "
                          f"{str(e).strip().splitlines()[0]}") from None
+    trainer = _trainer(policy, device, mem.fsdp, param_dtype_for(mem.optim))
     # padding-free micro-batches where torch's varlen flash attention runs (CUDA); elsewhere the
     # padded layout, whose sdpa kernels need no N x N mask
     mem.packed = device.type == "cuda" and enable_packed_attention(policy) == "varlen"
     if cfg.compile:
-        compile_policy(policy, device)
-    ref_model = None
+        compile_policy(policy, device, mem.fsdp)
+    reference = None
     if cfg.kl_coef > 0:
-        ref_model = load_policy(model_dir, device, False, dtype=torch.bfloat16)
+        ref_model = load_policy(model_dir, host if mem.fsdp else device, False,
+                                dtype=torch.bfloat16)
         ref_model.requires_grad_(False).eval()
+        reference = _trainer(ref_model, device, mem.fsdp, torch.bfloat16)
         if mem.packed:
             enable_packed_attention(ref_model)
     eos_ids = eos_token_ids(policy, tokenizer)
@@ -329,8 +411,8 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
         # the policy shares in this process; hand them back before training allocates
         torch.cuda.empty_cache()
     # Allocating the state takes one zero-gradient step: a gradient's worth of memory on top of
-    # the rollout phase, which only an update has room for when the plan sleeps vLLM (1.5B under
-    # a 24 GiB budget ran out here), so vLLM sleeps as in an update and wakes by a weight sync.
+    # the rollout phase, which only an update has room for when the plan sleeps vLLM, so vLLM
+    # sleeps as in an update and wakes by a weight load.
     engine.sleep()
     try:
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, name=mem.optim,
@@ -338,9 +420,8 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if device.type == "cuda":
-        # the zero step's freed gradients would stay cached through the first eval (measured:
-        # +3.6 GiB at 1.5B)
+        # the zero step's freed gradients would stay cached through the first eval
         torch.cuda.empty_cache()
     if mem.sleep:
-        engine.sync_weights(policy)
-    return tokenizer, policy, optimizer, engine, ref_model
+        engine.load_weights(full_tensors(policy))
+    return Models(tokenizer, policy, trainer, optimizer, engine, reference)

@@ -1,15 +1,22 @@
-"""vLLM rollout engine colocated with the HF policy on one GPU (vLLM 0.25, V1 engine in-process).
+"""vLLM rollout engine colocated with the HF policy on its GPU (vLLM 0.25, V1 engine in-process).
 
 Weights are pushed in place through `collective_rpc` (same process, no serialisation, no disk), and
 the prefix cache is reset after every push: KV blocks computed with the old weights would otherwise
 be served to the new policy. With `--vllm_sleep`, the engine drops weights and KV cache (level 2)
-while the policy trains and wakes in the order weights -> sync -> KV cache.
+while the policy trains and wakes in the order weights -> load -> KV cache.
+
+In a torchrun job every rank runs its own engine on its GPU (vLLM's `external_launcher`: it joins
+the job's process group instead of starting workers). With `tensor_parallel` = t > 1, t consecutive
+ranks share one engine sharded over their GPUs; vLLM then needs each of them to submit the same
+requests, so they pool their prompts, all generate the pool, and each keeps its own part (an eval
+part they were all given alike is generated once).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -28,7 +35,7 @@ def pin_triton_cache_dir(environ=os.environ) -> str:
     model or config), inductor points it into that compile's directory; when vLLM loads the
     compiled model from its cache, it stays Triton's default. vLLM's V2 runner JIT-compiles its
     sampling kernels at every start, so the start after each new compile compiled all of them
-    again: 15-19 s of start-up on the H100 (docs/PERFORMANCE.md). Triton's own default path.
+    again (seconds of start-up, docs/PERFORMANCE.md). Triton's own default path.
     Called as vLLM starts (VLLMEngine), where its compiles happen; inductor sets the variable
     when unset, so a compile earlier in the process would keep its own directory."""
     home = environ.get("TRITON_HOME") or os.path.expanduser("~")
@@ -45,11 +52,17 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, tokenizer, eos_ids: list[int], *, max_model_len: int,
                  seed: int, max_num_seqs: int = 512, sleep_mode: bool = False,
-                 kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None):
-        """`kv_cache_bytes` sizes the KV cache exactly (the memory plan's figure); without it vLLM
-        takes `gpu_mem_util` of the card for weights + KV cache (0.9 when neither is given)."""
+                 kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None,
+                 tensor_parallel: int = 1, distributed: bool = False):
+        """`kv_cache_bytes` sizes the KV cache exactly (the memory plan's figure, per GPU);
+        without it vLLM takes `gpu_mem_util` of the card for weights + KV cache (0.9 when neither
+        is given). `distributed`: one engine per rank of the torchrun job that has already joined
+        its process group; `seed` is then this engine's own (base seed + data-parallel rank, the
+        same on the ranks of a tensor-parallel group, which must sample alike)."""
         pin_triton_cache_dir()
         from vllm import LLM
+
+        from rlvr import dist
 
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -60,6 +73,12 @@ class VLLMEngine:
         # share (and other runs may share the card), so ask for a token share.
         memory = ({"kv_cache_memory_bytes": int(kv_cache_bytes), "gpu_memory_utilization": 0.01}
                   if kv_cache_bytes else {"gpu_memory_utilization": gpu_mem_util or 0.9})
+        launch = {}
+        if distributed:
+            launch = {"distributed_executor_backend": "external_launcher",
+                      "tensor_parallel_size": tensor_parallel}
+        # made before vLLM's own groups, in the same order on every rank
+        self.tp_group = dist.tensor_parallel_group(tensor_parallel) if distributed else None
         self.llm = LLM(
             model=model_dir, dtype="bfloat16", enable_prefix_caching=True,
             enable_sleep_mode=sleep_mode, max_model_len=max_model_len, seed=seed,
@@ -69,6 +88,7 @@ class VLLMEngine:
             generation_config="vllm",
             # log-probs of the distribution actually sampled from (after temperature)
             logprobs_mode="processed_logprobs",
+            **launch,
         )
         self.last_sync_s = 0.0
 
@@ -77,7 +97,12 @@ class VLLMEngine:
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
 
+        from rlvr import dist
+
         self._wake()
+        mine, offset = len(prompts), 0
+        if self.tp_group is not None:  # the group's pool, in group-rank order (see module doc)
+            prompts, seeds, offset = dist.pool_in_group((prompts, seeds), self.tp_group)
         greedy = temperature == 0
         params = dict(
             n=n, temperature=0.0 if greedy else temperature, top_p=top_p, top_k=0, min_p=0.0,
@@ -102,21 +127,21 @@ class VLLMEngine:
                 lps = [step[t].logprob for step, t in zip(o.logprobs, toks)]
             flat.append(Completion(token_ids=toks, text=text,
                                    truncated=o.finish_reason == "length", logprobs=lps))
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [flat[i * n:(i + 1) * n] for i in range(offset, offset + mine)]
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()
         if self.asleep:
             # Hand the blocks the policy's activations left in torch's cache back to the driver:
-            # vLLM wakes up in its own allocator and cannot reuse them, and at 3B the two together
-            # came to 104 GB (measured). Only in sleep mode, once a step.
+            # vLLM wakes up in its own allocator and cannot reuse them, and the two together can
+            # exceed the card (docs/PERFORMANCE.md). Only in sleep mode, once a step.
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
-        # HF parameter names, which vLLM's loader maps. A generator: in-process the RPC passes it
-        # through unpickled and the loader takes one tensor at a time, so at most one bf16 copy
-        # of a weight exists at once (a list would hold a second copy of the model: 15 GB at 7B).
-        weights = ((name, p.detach().to(torch.bfloat16)) for name, p in policy.named_parameters())
-        self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
+        # HF parameter names, which vLLM's loader maps (and, tensor-parallel, slices). Passed as
+        # the iterator it is: in-process the RPC hands it over unpickled and the loader takes one
+        # tensor at a time, so at most one copy of a weight is alive at once (a list would hold a
+        # second copy of the model).
+        self.llm.collective_rpc(_load_weights_on_worker, args=(iter(weights),))
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -136,4 +161,4 @@ class VLLMEngine:
     def _wake(self) -> None:
         # level-2 sleep discarded the weights: generating before a sync would use garbage
         if self.asleep:
-            raise RuntimeError("vLLM engine asleep without a weight sync; call sync_weights first")
+            raise RuntimeError("vLLM engine asleep without a weight sync; call load_weights first")

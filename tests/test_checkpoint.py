@@ -15,6 +15,7 @@ import torch
 from test_optimizers import CPU_OPTIONS, WD, Net, fixed_grads, set_grads
 
 from rlvr import checkpoint as C
+from rlvr import tensor_io
 from rlvr.checkpoint import (
     CheckpointError,
     checkpoint_disk_bytes,
@@ -42,7 +43,7 @@ def draw() -> list[float]:
 
 def optimizer_tensors(opt) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
-    C._flatten(opt.state_dict(), "o", d := {})
+    tensor_io.flatten_state(opt.state_dict(), "o", d := {})
     out += d.values()
     return out
 
@@ -171,7 +172,7 @@ def _failing(exc: BaseException):
 
 
 @pytest.mark.parametrize("target,exc", [
-    ("_write_safetensors", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    ("write_safetensors", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
     ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
                                 "1472 vs 1366")),
 ])
@@ -183,7 +184,7 @@ def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(tmp_path, monkeyp
     if target == "torch.save":
         monkeypatch.setattr(C.torch, "save", _failing(exc))
     else:
-        monkeypatch.setattr(C, target, _failing(exc))
+        monkeypatch.setattr(tensor_io, target, _failing(exc))
     with pytest.raises(CheckpointError) as e:
         save_checkpoint(tmp_path, 2, net, opt, EXTRA)
     msg = str(e.value)
@@ -210,28 +211,11 @@ def test_too_little_free_space_fails_before_writing(tmp_path, monkeypatch):
 def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     net = Net(n_mats=1, n_norms=1)
     opt = make_optimizer(net, 1e-3, 0.0)
-    monkeypatch.setattr(C, "_write_safetensors", _failing(PermissionError(errno.EACCES, "no")))
+    monkeypatch.setattr(tensor_io, "write_safetensors",
+                        _failing(PermissionError(errno.EACCES, "no")))
     with pytest.raises(PermissionError):
         save_checkpoint(tmp_path, 1, net, opt, EXTRA)
     assert not any((tmp_path / "checkpoints").iterdir())
-
-
-def test_checkpoints_of_the_previous_format_still_load(tmp_path):
-    """Runs started before safetensors checkpoints (policy.pt / optimizer.pt) can resume."""
-    a = Net()
-    opt_a = make_optimizer(a, 1e-3, 0.0)
-    steps(a, opt_a, 0, 1)
-    old = tmp_path / "checkpoints" / "step_1"
-    old.mkdir(parents=True)
-    torch.save(a.state_dict(), old / "policy.pt")
-    torch.save(opt_a.state_dict(), old / "optimizer.pt")
-    torch.save({"step": 1, "rng": C.rng_state(), **EXTRA}, old / "state.pt")
-    b = Net(seed=3)
-    opt_b = make_optimizer(b, 1e-3, 0.0)
-    assert load_checkpoint(latest_checkpoint(tmp_path), b, opt_b)["step"] == 1
-    steps(a, opt_a, 1, 1)
-    steps(b, opt_b, 1, 1)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_final_model_links_only_a_checkpoint_with_the_same_bf16_tensors(tmp_path, tiny):
@@ -243,4 +227,5 @@ def test_final_model_links_only_a_checkpoint_with_the_same_bf16_tensors(tmp_path
     out = save_final_policy(tmp_path, policy, tok, checkpoint=fp32_ckpt)
     assert os.stat(out / C.FINAL_WEIGHTS).st_ino != os.stat(fp32_ckpt / C.POLICY).st_ino
     written = load_file(out / C.FINAL_WEIGHTS)
-    assert all(torch.equal(written[k], v) for k, v in C._unique(policy.state_dict())[0].items())
+    unique, _ = tensor_io.unique_tensors(policy.state_dict())
+    assert all(torch.equal(written[k], v) for k, v in unique.items())

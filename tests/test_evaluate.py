@@ -219,13 +219,16 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rlvr.checkpoint import POLICY
+    from rlvr.tensor_io import write_safetensors
+
     run = tmp_path_factory.mktemp("runs") / "tiny_NSR_s1"
     ckpt = run / "checkpoints" / "step_1"
     ckpt.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"model_id": str(tiny_model_dir)}))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     state = {k: v + 0.01 for k, v in model.state_dict().items()}
-    torch.save(state, ckpt / "policy.pt")
+    write_safetensors(ckpt / POLICY, state, {"format": "pt"})  # the checkpoint's weights file
     torch.save({"step": 1}, ckpt / "state.pt")
     return run
 

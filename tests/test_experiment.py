@@ -197,28 +197,28 @@ def test_kl_entropy_truncated_is_and_two_updates_run_end_to_end(tmp_path, tiny_m
 def test_optimizer_state_is_made_after_the_engine_with_it_asleep(tiny_model_dir, tmp_path,
                                                                   monkeypatch):
     """vLLM's start-up activations go back before the state takes its room, and the state's
-    zero-gradient step runs with the engine asleep (awake, 1.5B under 24 GiB ran out of memory
-    there); a weight sync then wakes it, as after every update."""
+    zero-gradient step runs with the engine asleep (awake, a sleeping plan's update-sized
+    allocation would not fit); a weight load then wakes it, as after every update."""
     import torch
 
-    import rlvr.training
+    import rlvr.optimizers
     from rlvr import run_setup
     from rlvr.config import resolve
 
     events: list[str] = []
-    build, make = run_setup.build_engine, rlvr.training.make_optimizer
+    build, make = run_setup.build_engine, rlvr.optimizers.make_optimizer
 
     def recording_engine(*a, **kw):
         engine = build(*a, **kw)
         events.append("engine")
-        sleep, sync = engine.sleep, engine.sync_weights
+        sleep, load = engine.sleep, engine.load_weights
         monkeypatch.setattr(engine, "sleep", lambda: (events.append("sleep"), sleep())[1])
-        monkeypatch.setattr(engine, "sync_weights",
-                            lambda p: (events.append("sync"), sync(p))[1])
+        monkeypatch.setattr(engine, "load_weights",
+                            lambda w: (events.append("sync"), load(w))[1])
         return engine
 
     monkeypatch.setattr(run_setup, "build_engine", recording_engine)
-    monkeypatch.setattr(rlvr.training, "make_optimizer",
+    monkeypatch.setattr(rlvr.optimizers, "make_optimizer",
                         lambda *a, **kw: (events.append("optimizer"), make(*a, **kw))[1])
     cfg = resolve({"model_id": str(tiny_model_dir), "backend": "hf",
                    "output_dir": str(tmp_path)})
@@ -226,7 +226,8 @@ def test_optimizer_state_is_made_after_the_engine_with_it_asleep(tiny_model_dir,
                                  (False, ["engine", "sleep", "optimizer"])):
         events.clear()
         mem = run_setup.Resolved("adamw", False, 4096, sleep_mode)
-        _, policy, optimizer, _, _ = run_setup.load_models(cfg, torch.device("cpu"), mem)
+        models = run_setup.load_models(cfg, torch.device("cpu"), mem)
+        policy, optimizer = models.policy, models.optimizer
         assert events == expected
         assert all(optimizer.state[p] for p in policy.parameters())  # the state exists
 

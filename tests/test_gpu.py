@@ -19,6 +19,7 @@ pytest.importorskip("vllm")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_common import report_fixture  # noqa: E402
 
+from rlvr.fsdp import full_tensors  # noqa: E402
 from rlvr.logprobs import autocast_ctx, collate, token_logprobs  # noqa: E402
 from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer  # noqa: E402
 from rlvr.prompts import encode_prompt  # noqa: E402
@@ -77,7 +78,7 @@ def test_a_sync_makes_vllm_logprobs_match_the_policy(setup):
     policy, _, engine, prompts = setup
     perturb(policy, 0.5, seed=1)
     stale_max, stale_mean = logprob_diff(policy, engine, prompts)
-    engine.sync_weights(policy)
+    engine.load_weights(full_tensors(policy))
     REPORT["sync_s"] = engine.last_sync_s
     fresh_max, fresh_mean = logprob_diff(policy, engine, prompts)
     REPORT.update(before_sync_max=stale_max, before_sync_mean=stale_mean,
@@ -90,7 +91,7 @@ def test_perturbing_and_syncing_changes_greedy_output(setup):
     policy, _, engine, prompts = setup
     before = [g[0].token_ids for g in engine.generate(prompts, 1, 0.0, 32)]
     perturb(policy, 1.0, seed=2)
-    engine.sync_weights(policy)
+    engine.load_weights(full_tensors(policy))
     after = [g[0].token_ids for g in engine.generate(prompts, 1, 0.0, 32)]
     assert before != after
 
@@ -99,7 +100,7 @@ def test_the_prefix_cache_is_reset_after_a_sync(setup):
     policy, _, engine, prompts = setup
     engine.generate(prompts, 1, 0.0, 8)  # fills the prefix cache with these prompts' KV
     perturb(policy, 0.5, seed=3)
-    engine.sync_weights(policy)  # pushes weights AND resets the cache
+    engine.load_weights(full_tensors(policy))  # pushes weights AND resets the cache
     _, reset_mean = logprob_diff(policy, engine, prompts)
     # the same push without the reset: vLLM reuses prompt KV computed with the old weights
     engine.generate(prompts, 1, 0.0, 8)
@@ -115,11 +116,12 @@ def test_the_prefix_cache_is_reset_after_a_sync(setup):
 
 def test_after_sleep_and_wake_generation_uses_the_new_weights(setup):
     policy, _, engine, prompts = setup
-    engine.sync_weights(policy)
+    engine.load_weights(full_tensors(policy))
     engine.sleep()
     assert engine.asleep
     perturb(policy, 0.5, seed=5)
-    engine.sync_weights(policy)  # wake weights -> load -> wake KV cache -> reset prefix cache
+    # wake weights -> load -> wake KV cache -> reset prefix cache
+    engine.load_weights(full_tensors(policy))
     assert not engine.asleep
     mx, mean = logprob_diff(policy, engine, prompts)
     REPORT.update(after_wake_max=mx, after_wake_mean=mean)
@@ -132,7 +134,7 @@ def test_generation_config_of_the_checkpoint_does_not_leak(setup):
     with the policy's full softmax (top-k renormalisation would raise them)."""
     policy, _, engine, prompts = setup
     assert policy.generation_config.top_k == 20
-    engine.sync_weights(policy)
+    engine.load_weights(full_tensors(policy))
     _, mean = logprob_diff(policy, engine, prompts, temperature=1.0)
     REPORT["temp1_mean"] = mean
     assert mean < 0.03
@@ -145,7 +147,7 @@ def test_text_decoded_once_at_the_end_equals_vllms_own_detokenisation(setup):
     from vllm import SamplingParams
 
     policy, tok, engine, prompts = setup
-    engine.sync_weights(policy)
+    engine.load_weights(full_tensors(policy))
     sp = SamplingParams(n=2, temperature=1.0, max_tokens=48, stop_token_ids=engine.eos_ids,
                         skip_special_tokens=True)
     raw = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)

@@ -4,10 +4,12 @@ learning rates are not rounded away; several mini-batches make the clip act."""
 import pytest
 import torch
 
-from rlvr.logprobs import collate, token_logprobs
+from rlvr import training
+from rlvr.logprobs import PolicyLogprobs, collate, token_logprobs
 from rlvr.modeling import load_policy
 from rlvr.objectives import compute_advantages, minibatch_schedule, per_token_loss, ratio_stats
-from rlvr.training import UpdateBatch, compute_old_logprobs, make_optimizer, policy_update
+from rlvr.optimizers import make_optimizer
+from rlvr.training import UpdateBatch, UpdateSettings, policy_update
 
 CPU = torch.device("cpu")
 PAD = 257
@@ -24,19 +26,22 @@ def sequence_logprobs(model) -> torch.Tensor:
     return logp.sum(-1)
 
 
+def settings(mini_batch_size: int = 4, micro_batch_tokens: int | None = 20,
+             **kw) -> UpdateSettings:
+    """20 padded tokens: two samples per micro-batch (sequences of 7-10 tokens)."""
+    return UpdateSettings(temperature=1.0, clip_range=kw.pop("clip_range", 0.2),
+                          mini_batch_size=mini_batch_size, max_grad_norm=1.0, pad_id=PAD,
+                          device=CPU, micro_batch_tokens=micro_batch_tokens, **kw)
+
+
 def train(model, objective: str, lr: float, steps: int, mini_batch_size: int = 4,
           clip_range: float = 0.2) -> list[dict]:
     opt = make_optimizer(model, lr=lr, weight_decay=0.0)
     adv, keep = compute_advantages(CORRECT, objective, lam=0.1, group_size=2)
     batch = UpdateBatch(PROMPTS, RESPONSES, adv, keep)
     gen = torch.Generator().manual_seed(0)
-    stats = []
-    for _ in range(steps):
-        old, _ = compute_old_logprobs(model, batch, 1.0, 32, PAD, CPU)
-        stats.append(policy_update(model, opt, batch, old, temperature=1.0, clip_range=clip_range,
-                                   mini_batch_size=mini_batch_size, micro_batch_size=2,
-                                   max_grad_norm=1.0, pad_id=PAD, device=CPU, generator=gen))
-    return stats
+    s = settings(mini_batch_size, clip_range=clip_range)
+    return [policy_update(PolicyLogprobs(model), opt, batch, s, gen) for _ in range(steps)]
 
 
 @pytest.fixture
@@ -86,10 +91,8 @@ def test_a_minibatch_without_kept_samples_does_not_step(model, loss_agg, skipped
     adv, keep = compute_advantages(torch.ones(4), "NSR")  # all correct -> nothing kept
     batch = UpdateBatch(PROMPTS, RESPONSES, adv, keep)
     before = [p.detach().clone() for p in model.parameters()]
-    old, _ = compute_old_logprobs(model, batch, 1.0, 32, PAD, CPU)
-    s = policy_update(model, opt, batch, old, temperature=1.0, clip_range=0.2,
-                      mini_batch_size=2, micro_batch_size=2, max_grad_norm=1.0, pad_id=PAD,
-                      device=CPU, generator=torch.Generator().manual_seed(0), loss_agg=loss_agg)
+    s = policy_update(PolicyLogprobs(model), opt, batch, settings(2, loss_agg=loss_agg),
+                      torch.Generator().manual_seed(0))
     # paper: nothing kept means no mini-batch at all; batch_token_mean: two empty ones skipped
     assert s["n_updates"] == 0 and s["skipped_empty_minibatches"] == skipped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -122,8 +125,8 @@ def test_optimizer_state_is_allocated_up_front_and_the_first_step_is_a_true_firs
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("micro_batch_size", [1, 4])
-def test_reported_loss_entropy_and_ratios_are_the_mini_batch_figures(model, micro_batch_size):
+@pytest.mark.parametrize("micro_batch_tokens", [1, None])  # one sample per micro-batch, or all
+def test_reported_loss_entropy_and_ratios_are_the_mini_batch_figures(model, micro_batch_tokens):
     # Summed on the device and read once per optimizer step: the figures must still be those of
     # the whole mini-batch, however it is cut into micro-batches.
     adv, keep = compute_advantages(CORRECT, "W_REINFORCE", lam=0.1, group_size=2)
@@ -136,10 +139,9 @@ def test_reported_loss_entropy_and_ratios_are_the_mini_batch_figures(model, micr
     want_loss = ((-adv.unsqueeze(-1) * mask).sum() / n_tok).item()
     want_ent = ((ent * mask).sum() / n_tok).item()
     opt = make_optimizer(model, lr=0.0, weight_decay=0.0)
-    s = policy_update(model, opt, UpdateBatch(PROMPTS, RESPONSES, adv, keep), None,
-                      temperature=1.0, clip_range=0.2, mini_batch_size=4,
-                      micro_batch_size=micro_batch_size, max_grad_norm=1.0, pad_id=PAD,
-                      device=CPU, generator=torch.Generator().manual_seed(0))
+    s = policy_update(PolicyLogprobs(model), opt, UpdateBatch(PROMPTS, RESPONSES, adv, keep),
+                      settings(4, micro_batch_tokens), torch.Generator().manual_seed(0))
+    assert s["separate_old_logprob_pass"] == 0.0  # one update: pi_old from its own forward
     assert s["n_updates"] == 1 and s["train_tokens"] == n_tok.item() == 16
     assert s["loss"] == pytest.approx(want_loss, abs=1e-6)
     assert s["entropy"] == pytest.approx(want_ent, rel=1e-4)
@@ -154,16 +156,31 @@ def _padded_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("nan_sample,mini", [(None, 2), (1, 2), (1, 4)])
-def test_reported_figures_over_several_mini_and_micro_batches(model, nan_sample, mini):
-    # pi_old shifted so that ratios spread over [e^-0.3, e^0.3] and some leave the clip range;
-    # lr 0 keeps the policy put, so every mini-batch sees the log-probs computed here
+def _shifted(nan_sample):
+    """compute_old_logprobs with pi_old shifted so that ratios spread over [e^-0.3, e^0.3] and
+    some leave the clip range (NaN for `nan_sample`)."""
+    real = training.compute_old_logprobs
+
+    def shifted(*args, **kwargs):
+        old, ent = real(*args, **kwargs)
+        old = [o + torch.linspace(-0.3, 0.3, len(o)) for o in old]
+        if nan_sample is not None:
+            old[nan_sample] = torch.full_like(old[nan_sample], float("nan"))
+        return old, ent
+
+    return shifted
+
+
+@pytest.mark.parametrize("nan_sample,mini", [(None, 2), (1, 2), (1, 1)])
+def test_reported_figures_over_several_mini_and_micro_batches(model, nan_sample, mini,
+                                                              monkeypatch):
+    # lr 0 keeps the policy put, so every mini-batch sees the log-probs computed here; a NaN
+    # sample's mini-batch is skipped, and its NaN must not hide the others' figures
     adv, keep = compute_advantages(CORRECT, "W_REINFORCE", lam=0.1, group_size=2)
     batch = UpdateBatch(PROMPTS, RESPONSES, adv, keep)
-    old, _ = compute_old_logprobs(model, batch, 1.0, 32, PAD, CPU)
-    old = [o + torch.linspace(-0.3, 0.3, len(o)) for o in old]
-    if nan_sample is not None:  # its mini-batch is skipped; its NaN must not hide the others'
-        old[nan_sample] = torch.full_like(old[nan_sample], float("nan"))
+    s = settings(mini, micro_batch_tokens=1)
+    old, _ = _shifted(nan_sample)(PolicyLogprobs(model), batch, s)
+    monkeypatch.setattr(training, "compute_old_logprobs", _shifted(nan_sample))
     b = collate(PROMPTS, RESPONSES, PAD, CPU)
     with torch.no_grad():
         logp, _ = token_logprobs(model, b, 1.0)
@@ -177,10 +194,8 @@ def test_reported_figures_over_several_mini_and_micro_batches(model, nan_sample,
     per_tok = per_token_loss(logp, old_pad, adv, 0.2)
     losses = [((per_tok[m.indices] * mask[m.indices]).sum() / m.normalizer).item()
               for m in schedule if nan_sample not in m.indices]
-    s = policy_update(model, make_optimizer(model, lr=0.0, weight_decay=0.0), batch, old,
-                      temperature=1.0, clip_range=0.2, mini_batch_size=mini, micro_batch_size=1,
-                      max_grad_norm=1.0, pad_id=PAD, device=CPU,
-                      generator=torch.Generator().manual_seed(0))
+    s = policy_update(PolicyLogprobs(model), make_optimizer(model, lr=0.0, weight_decay=0.0),
+                      batch, s, torch.Generator().manual_seed(0))
     assert s["n_updates"] == len(losses) and s["nonfinite_minibatches"] == 4 // mini - len(losses)
     if losses:
         assert s["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
