@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rlvr.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_policy
-from rlvr.config import Config, parse_config
+from rlvr.config import Config, fail, parse_config
 from rlvr.eval_run import (
     EvalProblem,
     eval_examples,
@@ -25,13 +25,13 @@ from rlvr.eval_run import (
     run_eval,
     training_eval_metrics,
 )
-from rlvr.evaluation import format_eval_table
+from rlvr.evaluation import format_eval_table, problem_results
 from rlvr.objectives import compute_advantages
 from rlvr.reward import BatchGrader
+from rlvr.run_dir import Claim, RunDirError, claim_run_dir
 from rlvr.run_setup import (
     Problems,
     Resolved,
-    check_run_dir,
     dry_run,
     encode_problems,
     load_data,
@@ -40,7 +40,7 @@ from rlvr.run_setup import (
     select_eval_rows,
     write_config,
 )
-from rlvr.tracking import ProcessMemorySampler, RunLogger
+from rlvr.tracking import EVAL_PROBLEMS_FILE, ProcessMemorySampler, RunLogger
 from rlvr.training import UpdateBatch, compute_old_logprobs, needs_old_logprobs, policy_update
 
 
@@ -246,6 +246,7 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
         # the sampler's large eval batches leave blocks in torch's cache that the next update
         # cannot reuse (the step-11 OOM of issue 8 came right after an eval)
         torch.cuda.empty_cache()
+    logger.problems(at_step, problem_results(result.records))
     logger.log(at_step, metrics)
     for i, ex in enumerate(examples):
         logger.text(f"eval_samples/{i}", ex, at_step)
@@ -297,7 +298,8 @@ def restore(run: Run) -> int:
         # crashed before its first checkpoint: nothing to continue, so start it again from step 0
         print(f"[resume] no checkpoint under {cfg.run_dir}: restarting the run from step 0",
               flush=True)
-        for old in [*cfg.run_dir.glob("events.out.tfevents.*"), cfg.run_dir / "metrics.jsonl"]:
+        for old in [*cfg.run_dir.glob("events.out.tfevents.*"), cfg.run_dir / "metrics.jsonl",
+                    cfg.run_dir / EVAL_PROBLEMS_FILE]:
             old.unlink(missing_ok=True)
     if ckpt is None:
         return 0
@@ -338,13 +340,24 @@ def build(cfg: Config) -> Run:
 
 
 def run(cfg: Config) -> dict:
-    check_run_dir(cfg)
     if cfg.dry_run:
         dry_run(cfg)
         return {}
+    try:  # before anything loads: two runs never share a directory (rlvr/run_dir.py)
+        claim = claim_run_dir(cfg.run_dir, cfg.resume)
+    except RunDirError as e:
+        fail(str(e))
+    with claim:
+        out = train(cfg, claim)
+        claim.mark_done(cfg.n_train_steps)  # last: after the final model and every metric
+    return out
+
+
+def train(cfg: Config, claim: Claim) -> dict:
     r = build(cfg)
     step = restore(r)
     write_config(cfg, r.device, step, r.mem.plan)
+    claim.mark_ready()
     logger = RunLogger(cfg.run_dir, resume_step=step if step else None)
     print(f"[run] {cfg.run_name}: {cfg.objective} on {cfg.model_id}, engine {r.engine.name}, "
           f"device {r.device}, optimizer {r.mem.optim}, {len(r.train.rows)} train prompts "
