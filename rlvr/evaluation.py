@@ -176,6 +176,7 @@ def summarize_records(records: list[dict]) -> dict[str, dict[str, dict[str, floa
 
 # One line of a run's eval_problems.jsonl (with the eval's "step"), and what the study report
 # reads from evaluate.py's samples.jsonl: the same function makes both.
+EVAL_PROBLEMS_FILE = "eval_problems.jsonl"  # beside metrics.jsonl
 PROBLEM_KEYS = ("model", "dataset", "problem_id", "subject", "level", "n", "correct")
 
 

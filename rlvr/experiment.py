@@ -25,7 +25,7 @@ from rlvr.eval_run import (
     run_eval,
     training_eval_metrics,
 )
-from rlvr.evaluation import format_eval_table, problem_results
+from rlvr.evaluation import EVAL_PROBLEMS_FILE, format_eval_table, problem_results
 from rlvr.objectives import compute_advantages
 from rlvr.reward import BatchGrader
 from rlvr.run_dir import Claim, RunDirError, claim_run_dir
@@ -40,7 +40,7 @@ from rlvr.run_setup import (
     select_eval_rows,
     write_config,
 )
-from rlvr.tracking import EVAL_PROBLEMS_FILE, ProcessMemorySampler, RunLogger
+from rlvr.tracking import ProcessMemorySampler, RunLogger
 from rlvr.training import UpdateBatch, compute_old_logprobs, needs_old_logprobs, policy_update
 
 

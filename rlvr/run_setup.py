@@ -217,7 +217,8 @@ def dry_run(cfg: Config) -> int:
 def plan_report(cfg: Config) -> dict:
     """`--dry_run --plan_json`: what run_study.py needs before it starts this run, found the way
     the run itself would find it. `plan` is None with no budget to plan for (no GPU and no
-    --gpu_memory_gb), {"error": why} when the run cannot fit; `min_budget_gib` is the smallest
+    --gpu_memory_gb), {"error": why} when the run cannot fit, else the plan as config.json
+    records it plus "table" (the printed plan); `min_budget_gib` is the smallest
     budget under which this plan still fits; `model_error` says why --model_id cannot load."""
     from rlvr.modeling import ModelSourceError, check_model_source
 
@@ -230,7 +231,8 @@ def plan_report(cfg: Config) -> dict:
     if cfg.gpu_memory_gb is not None or card_gib() is not None:
         try:
             p = make_plan(cfg, eval_problem_count(cfg))
-            plan, min_budget = p.to_dict(), p.planned_peak_gib / (1 - MIN_HEADROOM_SHARE)
+            plan = {**p.to_dict(), "table": p.format_table()}
+            min_budget = p.planned_peak_gib / (1 - MIN_HEADROOM_SHARE)
         except SystemExit as e:
             plan = {"error": str(e.code).removeprefix("error: ")}
     return {"config": cfg.to_json(), "plan": plan, "min_budget_gib": min_budget,

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from rlvr.eval_report import SAMPLES, ReportError, read_jsonl
-from rlvr.evaluation import pass_at_k, problem_results
+from rlvr.evaluation import EVAL_PROBLEMS_FILE, pass_at_k, problem_results
 from rlvr.results import LoggedRun, group_runs
 from rlvr.study_stats import Estimate, difference, level
-from rlvr.tracking import EVAL_PROBLEMS_FILE
 
 # {problem key: (samples, correct)} of one eval
 Scores = dict[str, tuple[int, int]]

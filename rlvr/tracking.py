@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rlvr.evaluation import EVAL_PROBLEMS_FILE
+
 PACKAGES = ("torch", "transformers", "vllm", "math-verify", "tensorboard", "accelerate", "gguf")
 
 
@@ -45,10 +47,6 @@ def provenance(device: torch.device) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "command": " ".join(sys.argv),
     }
-
-
-# beside metrics.jsonl: one line per eval step x problem (rlvr.evaluation.problem_results)
-EVAL_PROBLEMS_FILE = "eval_problems.jsonl"
 
 
 class RunLogger:
