@@ -38,7 +38,16 @@ def log_path(study_dir: Path, job: Job) -> Path:
     return study_dir / "logs" / (job.name.replace(":", "-") + ".log")
 
 
+def child_signals() -> None:
+    """In a child between fork and exec: SIGINT stops it cleanly (Python ignores SIGINT for
+    good when it starts with SIGINT ignored, as under `nohup`, `cmd &` or a Slurm step), and a
+    SIGUSR2 meant for submitit (preemption) does not kill it: the job stops it with SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    child_signals()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -150,7 +150,9 @@ class StudyProgress:
                                                               info.get("n_steps", 0),
                                                               info.get("eval_every", 0)))
                 prog.refresh()
-            out.append(Row(name, state, gpu if state == "running" else "", prog,
+            if name in (gpus or {}) and state not in ("done", "running"):
+                state = "queued"  # a Slurm task that has not started it yet
+            out.append(Row(name, state, gpu if state in ("running", "queued") else "", prog,
                            info.get("kind", "train")))
         return out, manifest
 
