@@ -96,6 +96,8 @@ def _in_use(run_dir: Path) -> RunDirError:
 
 def _make_parents(parent: Path) -> list[Path]:
     """Create `parent` and its missing ancestors; return the ones created (deepest first)."""
+    if parent.exists() and not parent.is_dir():
+        raise RunDirError(f"--output_dir {parent} is not a directory")
     missing = []
     p = parent
     while not p.exists():
