@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlvr.run_dir import DONE, READY, run_state
-from rlvr.study import REPO, append_attempt, job_state, read_attempts
+from rlvr.study import REPO, StudyError, append_attempt, job_state, read_attempts
 from rlvr.study_progress import StudyProgress, format_table
 from rlvr.study_schedule import Card, Job
 
@@ -320,7 +320,7 @@ class LocalPool:
             rows, manifest = self.progress.rows(gpus)
             self.display.table(format_table(rows, self.progress.study_eta(rows, manifest)),
                                force=force)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, StudyError):
             pass  # a file mid-write: the next look shows it
 
 

@@ -29,7 +29,7 @@ from rlvr.study_progress import StudyProgress, format_table
 from rlvr.study_schedule import Job
 
 JOBS_FILE = "jobs.json"
-POLL_S = 2.0
+POLL_S = 1.0
 STOP_WAIT_S = 60.0  # a preempted run's time to stop after its SIGINT (submitit waits 90 s)
 
 
@@ -213,11 +213,11 @@ class SlurmLauncher:
                 ready = []
                 for j in list(pending):
                     job_id = self.ids.get(j.name)
-                    if job_id in live:
-                        continue
-                    if _done(j):
+                    if _done(j):  # DONE is written last: the task may still be closing
                         pending.remove(j)
                         self.display.event(f"done {j.name}")
+                    elif job_id in live:
+                        continue
                     elif j.after is not None and j.after in self.failed:
                         pending.remove(j)
                         self.failed[j.name] = f"skipped: {j.after} failed"
@@ -254,5 +254,5 @@ class SlurmLauncher:
             rows, manifest = self.progress.rows(gpus)
             self.display.table(format_table(rows, self.progress.study_eta(rows, manifest)),
                                force=force)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, StudyError):
             pass

@@ -204,6 +204,12 @@ class RunnerLock:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()}\n".encode(), 0)
 
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
 
 # ----------------------------------------------------------------------------- run states
 

@@ -129,12 +129,27 @@ def dry_run(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> int:
 
 
 def run(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> int:
-    _check_dir(study_dir, spec, a.extend)
-    plan = _plan(a, spec, study_dir)
-    if errors := _model_errors(plan):
-        raise StudyError(errors[0])
-    study_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunnerLock(study_dir)  # noqa: F841 - held until the process ends
+    # an existing study is locked at once; a new one gets its directory only once it is planned
+    lock = RunnerLock(study_dir) if (study_dir / MANIFEST).is_file() else None
+    try:
+        _check_dir(study_dir, spec, a.extend)
+        plan = _plan(a, spec, study_dir)
+        if errors := _model_errors(plan):
+            raise StudyError(errors[0])
+        study_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock or RunnerLock(study_dir)
+        _write_manifest(a, spec, study_dir, plan)
+        rc = launch(a, study_dir, plan)
+        if rc != 130 and not a.no_report:
+            write_report(study_dir)
+        return rc
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_manifest(a: argparse.Namespace, spec: StudySpec, study_dir: Path,
+                    plan: StudyPlan) -> None:
     claim_manifest(study_dir, spec, a.extend)
     manifest = json.loads((study_dir / MANIFEST).read_text())
     manifest["jobs"] = {**manifest.get("jobs", {}), **plan.manifest_jobs(study_dir)}
@@ -142,20 +157,19 @@ def run(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> int:
                             "max_per_card": plan.max_per_card if plan.cards else a.parallel,
                             "launcher": a.launcher}
     write_json(study_dir / MANIFEST, manifest)
+
+
+def launch(a: argparse.Namespace, study_dir: Path, plan: StudyPlan) -> int:
     if a.launcher == "slurm":
         from rlvr.slurm_launcher import SlurmLauncher
 
-        rc = SlurmLauncher(study_dir, plan.jobs, a).run()
-    else:
-        from rlvr.launchers import Display, LocalPool
+        return SlurmLauncher(study_dir, plan.jobs, a).run()
+    from rlvr.launchers import Display, LocalPool
 
-        for note in plan.notes:
-            print(f"note: {note}", flush=True)
-        rc = LocalPool(study_dir, plan.jobs, plan.cards, a.parallel, plan.max_per_card,
-                       a.max_retries, Display(every_s=a.status_every)).run()
-    if rc != 130 and not a.no_report:
-        write_report(study_dir)
-    return rc
+    for note in plan.notes:
+        print(f"note: {note}", flush=True)
+    return LocalPool(study_dir, plan.jobs, plan.cards, a.parallel, plan.max_per_card,
+                     a.max_retries, Display(every_s=a.status_every)).run()
 
 
 def write_report(study_dir: Path) -> None:

@@ -1,0 +1,111 @@
+"""run_study.py end to end on CPU: a tiny-model grid (2 objectives x 2 seeds, HF engine,
+--gpus none --parallel 2) with its report; the same grid with the runner SIGKILLed mid-study and
+re-run ends with every run's metrics identical to the uninterrupted study, and runs nothing
+twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from rlvr import run_dir as rd
+from rlvr.results import read_runs
+
+pytestmark = pytest.mark.slow
+
+RUNS = ["tiny_model_NSR_s1", "tiny_model_NSR_s2", "tiny_model_PSR_s1", "tiny_model_PSR_s2"]
+
+
+def study_cmd(model_dir, data_dir, study_dir, *extra) -> list[str]:
+    return [sys.executable, str(REPO / "run_study.py"), "--models", str(model_dir),
+            "--objectives", "NSR", "PSR", "--seeds", "1", "2", "--gpus", "none", "--parallel",
+            "2", "--study_dir", str(study_dir), "--name", "tiny", "--status_every", "1000",
+            *extra, "--", "--backend", "hf", "--n_train_steps", "2", "--rollout_batch_size",
+            "4", "--max_tokens", "8", "--eval_limit", "4", "--eval_n", "2", "--eval_every", "1",
+            "--grader_workers", "1", "--max_prompt_tokens", "600", "--save_every", "1",
+            "--data_dir", str(data_dir)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    link = tmp_path_factory.mktemp("models") / "tiny_model"  # a name for the runs
+    link.symlink_to(tiny_model_dir)
+    return link
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_dir, tiny_data_dir, tmp_path_factory):
+    study = tmp_path_factory.mktemp("studies") / "a"
+    proc = subprocess.run(study_cmd(model_dir, tiny_data_dir, study), capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return study, proc
+
+
+def metrics(run_dir) -> list[dict]:
+    """Every logged number except timings and memory, which no two runs share."""
+    return [{k: v for k, v in json.loads(line).items()
+             if not k.startswith(("time/", "perf/", "mem/"))}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_grid_runs_end_to_end_with_its_report(uninterrupted):
+    study, proc = uninterrupted
+    assert all(rd.run_state(study / "runs" / r) == "done" for r in RUNS)
+    cfg = json.loads((study / "runs" / RUNS[2] / "config.json").read_text())
+    assert cfg["study"] == "tiny" and cfg["study_axes"]["objective"] == "PSR"
+    assert cfg["study_axes"]["seed"] == 1 and cfg["seed"] == 1
+    problems = [json.loads(x) for x in
+                (study / "runs" / RUNS[0] / "eval_problems.jsonl").read_text().splitlines()]
+    assert sorted({p["step"] for p in problems}) == [0, 1, 2] and len(problems) == 3 * 4
+    assert all(p["n"] == 2 and 0 <= p["correct"] <= 2 for p in problems)
+    assert (study / "logs" / f"{RUNS[0]}.log").read_text().count("step 2/2") == 1
+    md = (study / "results.md").read_text()
+    assert "tiny_model: NSR − PSR = " in md and "(2 seeds, 4 problems × 2 samples;" in md
+    assert "tiny_model: PSR − base = " in md
+    for fig in ("training_curves_smoothed.png", "study_final.png", "study_differences.png"):
+        assert (study / fig).stat().st_size > 10_000
+    assert f"report: {study / 'results.md'}" in proc.stdout
+    runs, skipped, _ = read_runs(study / "runs")
+    assert not skipped and sorted(r.method for r in runs) == ["NSR", "NSR", "PSR", "PSR"]
+    status = subprocess.run([sys.executable, str(REPO / "run_study.py"), "--status",
+                             str(study)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert "4/4 done, 0 failed" in status.stdout
+
+
+def test_a_killed_runner_loses_nothing_and_runs_nothing_twice(uninterrupted, model_dir,
+                                                             tiny_data_dir, tmp_path):
+    study = tmp_path / "b"
+    cmd = study_cmd(model_dir, tiny_data_dir, study, "--no_report")
+    runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    states = []
+    while time.monotonic() < deadline:  # mid-study: one run finished, another under way
+        states = [rd.run_state(study / "runs" / r) for r in RUNS]
+        if "done" in states and any((study / "runs" / r / "config.json").is_file()
+                                    and s != "done" for r, s in zip(RUNS, states)):
+            break
+        time.sleep(0.05)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait()
+    done_before = [r for r in RUNS if rd.run_state(study / "runs" / r) == "done"]
+    assert done_before and len(done_before) < len(RUNS), states
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    reference = uninterrupted[0]
+    for r in RUNS:
+        assert metrics(study / "runs" / r) == metrics(reference / "runs" / r), r
+    starts = [json.loads(x)["job"] for x in (study / "attempts.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "start"]
+    for r in done_before:
+        assert starts.count(r) == 1, (r, starts)  # a finished run never ran again
+    resumed = [r for r in RUNS if r not in done_before]
+    assert "--resume" in again.stdout or all(starts.count(r) >= 1 for r in resumed)
