@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import pytest
 from conftest import REPO
 
+import run_study
 from rlvr import run_dir as rd
 from rlvr.results import read_runs
 
@@ -56,7 +58,7 @@ def metrics(run_dir) -> list[dict]:
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_grid_runs_end_to_end_with_its_report(uninterrupted):
+def test_a_grid_runs_end_to_end_with_its_report(uninterrupted, capsys):
     study, proc = uninterrupted
     assert all(rd.run_state(study / "runs" / r) == "done" for r in RUNS)
     cfg = json.loads((study / "runs" / RUNS[2] / "config.json").read_text())
@@ -75,37 +77,35 @@ def test_a_grid_runs_end_to_end_with_its_report(uninterrupted):
     assert f"report: {study / 'results.md'}" in proc.stdout
     runs, skipped, _ = read_runs(study / "runs")
     assert not skipped and sorted(r.method for r in runs) == ["NSR", "NSR", "PSR", "PSR"]
-    status = subprocess.run([sys.executable, str(REPO / "run_study.py"), "--status",
-                             str(study)], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert "4/4 done, 0 failed" in status.stdout
+    assert run_study.main(["--status", str(study)]) == 0
+    assert "4/4 done, 0 failed" in capsys.readouterr().out
 
 
 def test_a_killed_runner_loses_nothing_and_runs_nothing_twice(uninterrupted, model_dir,
                                                              tiny_data_dir, tmp_path):
+    """The uninterrupted study's directory with one run never started: re-running its command
+    skips the three finished runs, and SIGKILLed while the fourth trains, then re-run, ends
+    with that run's metrics as in the uninterrupted study."""
     study = tmp_path / "b"
+    shutil.copytree(uninterrupted[0], study, symlinks=True)
+    todo = study / "runs" / RUNS[3]
+    shutil.rmtree(todo)
+    shutil.rmtree(study / "logs")
+    (study / "attempts.jsonl").unlink()
     cmd = study_cmd(model_dir, tiny_data_dir, study, "--no_report")
     runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    states = []
-    while time.monotonic() < deadline:  # mid-study: one run finished, another under way
-        states = [rd.run_state(study / "runs" / r) for r in RUNS]
-        if "done" in states and any((study / "runs" / r / "config.json").is_file()
-                                    and s != "done" for r, s in zip(RUNS, states)):
-            break
+    while time.monotonic() < deadline and not (todo / "READY").is_file():
         time.sleep(0.05)
-    os.kill(runner.pid, signal.SIGKILL)
+    os.kill(runner.pid, signal.SIGKILL)  # no handler, no clean-up: only the kernel's
     runner.wait()
-    done_before = [r for r in RUNS if rd.run_state(study / "runs" / r) == "done"]
-    assert done_before and len(done_before) < len(RUNS), states
+    assert rd.run_state(todo) != "done"
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    reference = uninterrupted[0]
+    assert f"start {todo.name} on cpu (--resume)" in again.stdout
     for r in RUNS:
-        assert metrics(study / "runs" / r) == metrics(reference / "runs" / r), r
+        assert metrics(study / "runs" / r) == metrics(uninterrupted[0] / "runs" / r), r
     starts = [json.loads(x)["job"] for x in (study / "attempts.jsonl").read_text().splitlines()
               if json.loads(x)["event"] == "start"]
-    for r in done_before:
-        assert starts.count(r) == 1, (r, starts)  # a finished run never ran again
-    resumed = [r for r in RUNS if r not in done_before]
-    assert "--resume" in again.stdout or all(starts.count(r) >= 1 for r in resumed)
+    assert starts == [todo.name, todo.name]  # the finished runs never ran again

@@ -78,8 +78,14 @@ def test_a_job_array_with_a_preempted_task_that_resumes(slurm, tiny_model_dir, t
                                                         f"{tiny_model_dir.name}_NSR_s2") == "done"
     log = (study / "logs" / f"{name}.log").read_text()
     assert "interrupted" in log and "[resume] continuing" in log and log.count("step 4/4") == 1
-    attempts = [json.loads(x) for x in (study / "attempts.jsonl").read_text().splitlines()]
-    mine = [a for a in attempts if a["job"] == name]
+
+    def attempts():
+        """the task's own end record (it may still be closing when the runner sees DONE)"""
+        recs = [json.loads(x) for x in (study / "attempts.jsonl").read_text().splitlines()]
+        mine = [a for a in recs if a["job"] == name]
+        return mine if len(mine) >= 4 else None
+
+    mine = wait_for(attempts, 60)
     assert [(a["event"], a.get("stopped"), a.get("resume")) for a in mine] == [
         ("start", None, False), ("end", True, None), ("start", None, True), ("end", None, None)]
     assert all(a["gpu"] == f"slurm:{task}" for a in mine)
