@@ -53,27 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no_report", action="store_true", help="do not write DIR/results.md at "
                    "the end")
     m.add_argument("--max_retries", type=int, default=1, help="retries of a failed run before "
-                   "it is reported as failed")
+                   "it is reported as failed (default: 1)")
     m.add_argument("--status_every", type=float, default=None, help="seconds between progress "
                    "tables (default: 2 on a terminal, redrawn in place; 60 otherwise)")
     loc = p.add_argument_group("local GPUs (--launcher local, the default)")
-    loc.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    loc.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                     help="local (default): this machine's cards; slurm: a job array")
     loc.add_argument("--gpus", help="cards to use, as CUDA_VISIBLE_DEVICES takes them (0,1); "
                      "'none' for CPU with the HF engine (default: CUDA_VISIBLE_DEVICES, else all)")
-    loc.add_argument("--parallel", type=int, default=1, help="with --gpus none: runs at once")
+    loc.add_argument("--parallel", type=int, default=1,
+                     help="with --gpus none: runs at once (default: 1)")
     loc.add_argument("--runs_per_gpu", default="auto", help="runs sharing one card, each with "
                      "its share of the memory; auto: from the measured packing table "
                      "(rlvr/packing.json, bench/packing.py), 1 per card until measured")
     loc.add_argument("--card_gb", type=float, help="memory of each card to plan for, GiB "
                      "(default: nvidia-smi's); e.g. 79 to run an 80 GB card's study elsewhere")
     loc.add_argument("--gpus_per_run", type=int, default=1, help="cards per run (torchrun "
-                     "--nproc_per_node N, whole cards)")
+                     "--nproc_per_node N, whole cards; default: 1)")
     s = p.add_argument_group("Slurm (--launcher slurm, through submitit)")
-    s.add_argument("--slurm_partition")
-    s.add_argument("--slurm_time", default="24:00:00", help="per run, HH:MM:SS or minutes; a "
-                   "run stopped by it (or preempted) is requeued and resumes from its checkpoint")
-    s.add_argument("--slurm_gpus_per_run", type=int, default=1)
-    s.add_argument("--slurm_cpus_per_run", type=int, default=8)
+    s.add_argument("--slurm_partition", help="sbatch --partition (default: the cluster's)")
+    s.add_argument("--slurm_time", default="24:00:00", help="per run, HH:MM:SS or minutes "
+                   "(default: 24:00:00); a run stopped by it (or preempted) is requeued and "
+                   "resumes from its checkpoint")
+    s.add_argument("--slurm_gpus_per_run", type=int, default=1, help="GPUs per task (default: "
+                   "1; more: torchrun across them; 0: none)")
+    s.add_argument("--slurm_cpus_per_run", type=int, default=8, help="default: 8")
     s.add_argument("--slurm_mem_gb", type=float, default=None, help="host memory per run")
     for key in ("account", "qos", "constraint"):
         s.add_argument(f"--slurm_{key}", help=f"sbatch --{key}")

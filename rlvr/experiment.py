@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rlvr.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_policy
-from rlvr.config import Config, fail, parse_config
+from rlvr.config import Config, parse_config
 from rlvr.eval_run import (
     EvalProblem,
     eval_examples,
@@ -28,7 +28,7 @@ from rlvr.eval_run import (
 from rlvr.evaluation import EVAL_PROBLEMS_FILE, format_eval_table, problem_results
 from rlvr.objectives import compute_advantages
 from rlvr.reward import BatchGrader
-from rlvr.run_dir import Claim, RunDirError, claim_run_dir
+from rlvr.run_dir import Claim, claim_or_exit
 from rlvr.run_setup import (
     Problems,
     Resolved,
@@ -343,11 +343,8 @@ def run(cfg: Config) -> dict:
     if cfg.dry_run:
         dry_run(cfg)
         return {}
-    try:  # before anything loads: two runs never share a directory (rlvr/run_dir.py)
-        claim = claim_run_dir(cfg.run_dir, cfg.resume)
-    except RunDirError as e:
-        fail(str(e))
-    with claim:
+    # before anything loads: two runs never share a directory (rlvr/run_dir.py)
+    with claim_or_exit(cfg.run_dir, cfg.resume) as claim:
         out = train(cfg, claim)
         claim.mark_done(cfg.n_train_steps)  # last: after the final model and every metric
     return out

@@ -293,13 +293,21 @@ def make_study_report(study_dir: Path, window: int = 2, dpi: int = 150,
     under DIR/runs and the final evaluations under DIR/evals)."""
     _NOTE["text"] = note
     runs, skipped, warnings = _load_runs(study_dir / "runs", study_dir)
+    # a run without DONE stopped early (or still runs): its last eval is no final one
+    unfinished = [r for r in runs if r.path is not None and not (r.path / "DONE").is_file()]
+    runs = [r for r in runs if r not in unfinished]
+    warnings = [*warnings, *((r.name, "not finished (no DONE): left out of the study's "
+                              "numbers") for r in unfinished)]
+    if not runs:
+        raise PlotError(f"no finished run under '{study_dir / 'runs'}' yet")
     training, final = study_reports(runs, study_dir)
     command = f"python plot_results.py --study {study_dir}"
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         plot_training_curves(runs, window, t / FIGURES[0], dpi)
-        plot_study_intervals(final or training, t / STUDY_FIGURES[0], dpi, diffs=False)
-        plot_study_intervals(final or training, t / STUDY_FIGURES[1], dpi, diffs=True)
+        for name, diffs in zip(STUDY_FIGURES, (False, True), strict=True):
+            if not plot_study_intervals(final or training, t / name, dpi, diffs=diffs):
+                (study_dir / name).unlink(missing_ok=True)  # it would disagree with results.md
         name = study_dir.resolve().name
         md = study_markdown(name, training, final, len(runs), command) + "\n" + \
             results_markdown(runs, skipped, study_dir / "runs", warnings, command) \

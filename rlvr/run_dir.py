@@ -230,6 +230,16 @@ def claim_run_dir(run_dir: Path, resume: bool) -> Claim:
         raise
 
 
+def claim_or_exit(run_dir: Path, resume: bool) -> Claim:
+    """claim_run_dir for MATH_experiment.py: a refusal is one `error:` line, exit status 2."""
+    from rlvr.config import fail
+
+    try:
+        return claim_run_dir(run_dir, resume)
+    except RunDirError as e:
+        fail(str(e))
+
+
 def read_marker(run_dir: Path, name: str) -> dict | None:
     try:
         return json.loads((Path(run_dir) / name).read_text())

@@ -134,14 +134,39 @@ def minutes(value: str) -> int:
     return total + 24 * 60 * int(days or 0)
 
 
-def live_jobs(ids: list[str]) -> dict[str, str]:
-    """{task id: state} of those still queued or running (squeue, one line per array task)."""
+LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+               "COMPLETING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+def live_jobs(ids: list[str]) -> dict[str, str] | None:
+    """{task id: state} of those still queued or running (squeue, one line per array task);
+    None when Slurm did not answer (then nothing may be taken for gone)."""
     if not ids:
         return {}
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True,
-                         timeout=60)
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
     states = dict(line.split(maxsplit=1) for line in out.stdout.splitlines() if line.strip())
     return {i: states[i] for i in ids if i in states}
+
+
+def still_known(job_id: str) -> bool | None:
+    """Whether Slurm still holds a task squeue did not list (a requeue in between), from
+    `scontrol show job`: True, False, or None when it did not answer."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return False if "Invalid job id" in out.stderr else None
+    state = next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("JobState=")),
+                 "")
+    return state in LIVE_STATES
 
 
 class SlurmLauncher:
@@ -210,13 +235,17 @@ class SlurmLauncher:
         try:
             while pending and not self.stopping:
                 live = live_jobs([self.ids[j.name] for j in pending if j.name in self.ids])
+                if live is None:  # Slurm did not answer: look again, resubmit nothing
+                    time.sleep(POLL_S)
+                    continue
                 ready = []
                 for j in list(pending):
                     job_id = self.ids.get(j.name)
                     if _done(j):  # DONE is written last: the task may still be closing
                         pending.remove(j)
                         self.display.event(f"done {j.name}")
-                    elif job_id in live:
+                    elif job_id in live or (job_id is not None and still_known(job_id)
+                                            is not False):
                         continue
                     elif j.after is not None and j.after in self.failed:
                         pending.remove(j)

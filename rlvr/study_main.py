@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from rlvr.run_logs import plural
 from rlvr.study import (
     MANIFEST,
     RunnerLock,
@@ -71,8 +72,9 @@ def describe(plan: StudyPlan, study_dir: Path, share_plans: dict | None = None) 
     attempts = read_attempts(study_dir)
     lam = f" x λ {' '.join(f'{x:g}' for x in spec.lambdas)}" if "W_REINFORCE" in \
         spec.objectives else ""
-    out = [f"study {spec.name}: {len(plan.runs)} runs ({len(spec.models)} models x "
-           f"{len(spec.objectives)} objectives{lam} x {len(spec.seeds)} seeds) in {study_dir}",
+    out = [f"study {spec.name}: {plural(len(plan.runs), 'run')} ("
+           f"{plural(len(spec.models), 'model')} x {plural(len(spec.objectives), 'objective')}"
+           f"{lam} x {plural(len(spec.seeds), 'seed')}) in {study_dir}",
            f"flags for every run: {' '.join(spec.flags) or '(none)'}", ""]
     width = max(len(r.name) for r in plan.runs)
     for j in plan.jobs:

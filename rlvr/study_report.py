@@ -187,7 +187,7 @@ def final_eval_reports(runs: list[LoggedRun], evals_dir: Path,
     models, methods, groups = group_runs(runs)
     out = []
     for m in models:
-        base_evals = read_final_evals(evals_dir / base_eval_name(m))
+        base_evals = read_final_evals(evals_dir / base_eval_name(m.removesuffix(".gguf")))
         finals = {r.name: read_final_evals(evals_dir / r.name)
                   for r in runs if r.model == m}
         datasets = sorted(set(base_evals) | {d for f in finals.values() for d in f})

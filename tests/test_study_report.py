@@ -25,12 +25,15 @@ def config(objective: str, seed: int, **kw) -> dict:
             "study_axes": {"objective": objective, "seed": seed}, **kw}
 
 
-def write_run(study: Path, name: str, cfg: dict, scores: dict[int, np.ndarray]) -> None:
+def write_run(study: Path, name: str, cfg: dict, scores: dict[int, np.ndarray],
+              done: bool = True) -> None:
     """A run as the training loop leaves it: config.json, metrics.jsonl, eval_problems.jsonl
-    (per step, per problem: n samples, correct)."""
+    (per step, per problem: n samples, correct), DONE last."""
     d = study / "runs" / name
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg))
+    if done:
+        (d / "DONE").write_text("{}")
     with open(d / "metrics.jsonl", "w") as m, open(d / "eval_problems.jsonl", "w") as e:
         for step, correct in scores.items():
             m.write(json.dumps({"step": step, "eval/pass@1": float(correct.mean() / N),
@@ -52,6 +55,9 @@ def study(tmp_path_factory) -> Path:
         for seed in (1, 2, 3):
             write_run(d, f"{objective}_s{seed}", config(objective, seed),
                       {0: rng.binomial(N, q), 10: rng.binomial(N, q + gain)})
+    # stopped at step 5 of 10: its last eval is no final one, and must not count as a seed
+    write_run(d, "PSR_s4", config("PSR", 4), {0: rng.binomial(N, q), 5: np.full(P, N)},
+              done=False)
     plotting.make_study_report(d, dpi=60)
     return d
 
@@ -67,6 +73,8 @@ def test_the_report_finds_the_known_effect_and_not_the_absent_one(study):
     assert "not distinguishable at this design" in lines["- Tiny-0.5B: PSR − base"]
     assert "distinguishable: NSR higher" in lines["- Tiny-0.5B: NSR − PSR"]
     assert "| NSR | pass@4 | 3 | 200 × 4 |" in md  # pass@k where n > 1
+    assert "| PSR | pass@1 | 3 | 200 × 4 |" in md
+    assert "`PSR_s4`: not finished (no DONE): left out of the study's numbers" in md
     for fig in ("study_final.png", "study_differences.png", "training_curves_smoothed.png"):
         assert (study / fig).is_file()
 
