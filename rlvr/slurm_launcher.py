@@ -240,26 +240,10 @@ class SlurmLauncher:
                     continue
                 ready = []
                 for j in list(pending):
-                    job_id = self.ids.get(j.name)
-                    if _done(j):  # DONE is written last: the task may still be closing
-                        pending.remove(j)
-                        self.display.event(f"done {j.name}")
-                    elif job_id in live or (job_id is not None and still_known(job_id)
-                                            is not False):
-                        continue
-                    elif j.after is not None and j.after in self.failed:
-                        pending.remove(j)
-                        self.failed[j.name] = f"skipped: {j.after} failed"
-                    elif j.after is not None and not _done(self._job(j.after)):
-                        continue
-                    elif job_id is not None and self.tries.get(j.name, 1) > self.a.max_retries:
-                        pending.remove(j)
-                        self.failed[j.name] = f"Slurm task {job_id} ended without DONE"
-                        log = log_path(self.study_dir, j)
-                        self.display.event(f"FAILED {j.name} (task {job_id}); the rest goes "
-                                           f"on. Last lines of {log}:\n{tail(log)}")
-                    else:
+                    if (what := self._next(j, live)) == "submit":
                         ready.append(j)
+                    elif what != "wait":
+                        pending.remove(j)
                 self._submit(ready)
                 self._show(live)
                 time.sleep(POLL_S)
@@ -273,6 +257,27 @@ class SlurmLauncher:
             return 130
         self._show({}, force=True)
         return 1 if self.failed else 0
+
+    def _next(self, j: Job, live: dict[str, str]) -> str:
+        """What a pending job needs now: "wait", "submit", or it is over ("done", "failed")."""
+        job_id = self.ids.get(j.name)
+        if _done(j):  # DONE is written last: the task may still be closing
+            self.display.event(f"done {j.name}")
+            return "done"
+        if job_id in live or (job_id is not None and still_known(job_id) is not False):
+            return "wait"
+        if j.after is not None and j.after in self.failed:
+            self.failed[j.name] = f"skipped: {j.after} failed"
+            return "failed"
+        if j.after is not None and not _done(self._job(j.after)):
+            return "wait"
+        if job_id is not None and self.tries.get(j.name, 1) > self.a.max_retries:
+            self.failed[j.name] = f"Slurm task {job_id} ended without DONE"
+            log = log_path(self.study_dir, j)
+            self.display.event(f"FAILED {j.name} (task {job_id}); the rest goes on. Last "
+                               f"lines of {log}:\n{tail(log)}")
+            return "failed"
+        return "submit"
 
     def _job(self, name: str) -> Job:
         return next(j for j in self.jobs if j.name == name)
