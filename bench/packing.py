@@ -47,14 +47,16 @@ def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]) ->
     attempts = [json.loads(x) for x in (study / "attempts.jsonl").read_text().splitlines()]
     first = min(x["time"] for x in attempts if x["event"] == "start")
     last = max(x["time"] for x in attempts if x["event"] == "end")
-    steps, evals = [], []
+    steps, evals, problems = [], [], set()
     for run in (study / "runs").iterdir():
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         steps += [x["time/step_s"] for x in lines if "time/step_s" in x][2:]
         evals += [x["time/eval_s"] for x in lines if "time/eval_s" in x and x["step"] > 0]
+        problems |= {int(x["eval/n_problems"]) for x in lines if "eval/n_problems" in x}
     return {"s_per_step": round(statistics.median(steps), 3),
             "eval_s": round(statistics.median(evals), 1) if evals else None,
-            "wall_s": round(last - first, 1), "runner_s": round(time.time() - t0, 1)}
+            "wall_s": round(last - first, 1), "runner_s": round(time.time() - t0, 1),
+            "eval_problems": max(problems) if problems else None}
 
 
 def main() -> int:
@@ -90,9 +92,12 @@ def main() -> int:
     for k, v in sorted(merged.items()):
         v["aggregate"] = round(k * one["wall_s"] / v["wall_s"], 2) if one else None
         print(f"| {k} | {v['s_per_step']} | {v['eval_s']} | {v['wall_s']} | {v['aggregate']} |")
+    eval_problems = next((v["eval_problems"] for v in merged.values()
+                          if v.get("eval_problems")), None)
     entry = {"model": name, "card": card, "card_gib": a.card_gb, "steps": a.steps,
-             "eval_limit": a.eval_limit, "extra_flags": extra, "measured": time.strftime(
-                 "%Y-%m-%d"), "per_card": {str(k): v for k, v in sorted(merged.items())}}
+             "eval_problems": eval_problems, "extra_flags": extra,
+             "measured": time.strftime("%Y-%m-%d"),
+             "per_card": {str(k): v for k, v in sorted(merged.items())}}
     print(json.dumps(entry))
     if a.write and one is not None:
         rest = [m for m in data.get("measurements", []) if m["model"] != name]

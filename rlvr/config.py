@@ -98,8 +98,8 @@ class Config:
                                   "printed table; null without a GPU or --gpu_memory_gb, "
                                   "{\"error\": ...} when it cannot fit), min_budget_gib (the "
                                   "smallest budget it fits), model_error (why --model_id cannot "
-                                  "load, or null); bad flags still exit 2. run_study.py asks "
-                                  "this before it starts a study")
+                                  "load, or null), eval_problems; bad flags still exit 2. "
+                                  "run_study.py asks this before it starts a study")
     # --- evaluation
     eval_every: int = _opt(10, "evaluate every N steps (also at step 0 and after the last step)")
     eval_n: int = _opt(4, "samples per eval problem (pass@k for k = 1, 2, 4, ... <= n)")

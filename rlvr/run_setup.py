@@ -219,7 +219,8 @@ def plan_report(cfg: Config) -> dict:
     the run itself would find it. `plan` is None with no budget to plan for (no GPU and no
     --gpu_memory_gb), {"error": why} when the run cannot fit, else the plan as config.json
     records it plus "table" (the printed plan); `min_budget_gib` is the smallest
-    budget under which this plan still fits; `model_error` says why --model_id cannot load."""
+    budget under which this plan still fits; `model_error` says why --model_id cannot load;
+    `eval_problems` is how many problems each eval will have."""
     from rlvr.modeling import ModelSourceError, check_model_source
 
     try:
@@ -236,7 +237,7 @@ def plan_report(cfg: Config) -> dict:
         except SystemExit as e:
             plan = {"error": str(e.code).removeprefix("error: ")}
     return {"config": cfg.to_json(), "plan": plan, "min_budget_gib": min_budget,
-            "model_error": model_error}
+            "model_error": model_error, "eval_problems": eval_problem_count(cfg)}
 
 
 @dataclass

@@ -260,6 +260,7 @@ class RunPlan:
     plan: dict | None
     min_budget_gib: float | None
     model_error: str | None
+    eval_problems: int | None = None  # problems per eval
 
     @property
     def planned_peak_gib(self) -> float:

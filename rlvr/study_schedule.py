@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlvr.study import (
@@ -94,7 +94,7 @@ class Job:
     after: str | None = None  # a job that must be done first
     n_steps: int = 0
     eval_every: int = 0
-    meta: dict = field(default_factory=dict)
+    eval_problems: int | None = None
 
     def command(self, resume: bool) -> list[str]:
         if self.gpus > 1:
@@ -144,7 +144,8 @@ def train_jobs(spec: StudySpec, runs: list[RunSpec], study_dir: Path,
                         study_dir / "runs" / r.name, r.model, 1.0 / k, budget,
                         plan.planned_peak_gib, gpus_per_run,
                         n_steps=int(cfg.get("n_train_steps", 0)),
-                        eval_every=int(cfg.get("eval_every", 0))))
+                        eval_every=int(cfg.get("eval_every", 0)),
+                        eval_problems=plan.eval_problems))
     return sorted(jobs, key=lambda j: (-j.peak_gib, j.name))
 
 
@@ -183,12 +184,16 @@ def check_final_eval(value: str | None) -> None:
 
 def job_seconds(job: Job, table: dict, k: int) -> float | None:
     """A job's projected duration from the measured packing table (None: not measured)."""
-    entry = table.get(short_name(job.model), {}).get("per_card", {}).get(str(k))
+    measured = table.get(short_name(job.model), {})
+    entry = measured.get("per_card", {}).get(str(k))
     if not entry or job.kind != "train":
         return None
     n_evals = len({s for s in range(0, job.n_steps + 1)
                    if s == 0 or s == job.n_steps or (job.eval_every and s % job.eval_every == 0)})
-    return job.n_steps * entry["s_per_step"] + n_evals * entry["eval_s"]
+    # an eval's time grows with its problems (same samples and tokens each)
+    scale = (job.eval_problems / measured["eval_problems"]
+             if job.eval_problems and measured.get("eval_problems") else 1.0)
+    return job.n_steps * entry["s_per_step"] + n_evals * (entry["eval_s"] or 0.0) * scale
 
 
 def simulate(jobs: list[tuple[float, float]], cards: int, max_per_card: int) -> float:

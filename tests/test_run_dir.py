@@ -39,7 +39,9 @@ def test_two_claims_at_once_give_one_run(tmp_path):
                if isinstance(r, str))
     assert rd.run_state(run) == "running"
     claims[0].release()
-    assert not run.exists() and not run.parent.exists()  # nothing written: nothing left
+    # nothing written: nothing left, no claim's temporary directory either (the parent stays
+    # when a losing claim made it: it may be another run's output directory by then)
+    assert not run.exists() and not (run.parent.exists() and any(run.parent.iterdir()))
 
 
 def test_a_live_run_refuses_a_second_one_and_a_resume(tmp_path):

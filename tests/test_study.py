@@ -31,7 +31,14 @@ from rlvr.study import (
     write_json,
 )
 from rlvr.study_progress import status_text
-from rlvr.study_schedule import Card, Job, per_card_counts, simulate, visible_cards
+from rlvr.study_schedule import (
+    Card,
+    Job,
+    job_seconds,
+    per_card_counts,
+    simulate,
+    visible_cards,
+)
 
 STANDIN = REPO / "tests" / "standin_run.py"
 
@@ -134,6 +141,17 @@ def test_the_schedule_projection_places_jobs_as_the_launcher_does():
     assert simulate([(0.5, 10.0)] * 5, cards=2, max_per_card=2) == 20.0
     # a whole-card job waits for a free card; the 0.5 jobs pair up on the other
     assert simulate([(1.0, 30.0), (0.5, 10.0), (0.5, 10.0), (0.5, 10.0)], 2, 2) == 30.0
+
+
+def test_a_runs_projected_time_is_its_steps_and_evals_at_the_measured_rates(tmp_path):
+    """80 steps at 3 s and 9 evals (steps 0, 10, ..., 80) of 1,250 problems, measured at 250
+    problems and 11 s each: 80 x 3 + 9 x 11 x 5 = 735 s."""
+    table = {"M-0.5B": {"eval_problems": 250, "per_card": {"2": {"s_per_step": 3.0,
+                                                               "eval_s": 11.0}}}}
+    job = Job("r", "train", REPO / "MATH_experiment.py", [], tmp_path, "org/M-0.5B", 0.5,
+              n_steps=80, eval_every=10, eval_problems=1250)
+    assert job_seconds(job, table, 2) == pytest.approx(735.0)
+    assert job_seconds(job, table, 3) is None  # not measured at 3 per card
 
 
 def test_visible_cards_come_from_nvidia_smi_and_cuda_visible_devices(tmp_path, monkeypatch):
