@@ -175,3 +175,22 @@ def test_plan_json_is_one_object_with_the_runs_settings(tmp_path, capsys, tiny_m
     cfg = type(cfg)(**{**cfg.to_json(), "model_id": str(tmp_path / "x")})
     dry_run(cfg)
     assert "does not exist" in json.loads(capsys.readouterr().out)["model_error"]
+
+
+def test_a_resume_keeps_eval_problems_consistent_with_metrics(tmp_path):
+    """What a process killed after its step-3 eval logged, past its step-2 checkpoint, goes from
+    both files on --resume, a line torn by the kill too."""
+    from rlvr.tracking import RunLogger
+
+    dead = RunLogger(tmp_path)
+    for step in range(4):
+        dead.problems(step, [{"problem_id": f"p{i}", "n": 2, "correct": 1} for i in range(3)])
+        dead.log(step, {"eval/pass@1": 0.5})
+    dead.close()
+    with open(tmp_path / "eval_problems.jsonl", "a") as f:
+        f.write('{"step": 4, "problem_id": "p0", "n"')  # torn
+    RunLogger(tmp_path, resume_step=2).close()
+    for name in ("eval_problems.jsonl", "metrics.jsonl"):
+        steps = [json.loads(x)["step"] for x in (tmp_path / name).read_text().splitlines()]
+        assert max(steps) == 2 and steps == sorted(steps), name
+    assert len((tmp_path / "eval_problems.jsonl").read_text().splitlines()) == 9

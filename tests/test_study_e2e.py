@@ -106,6 +106,9 @@ def test_a_killed_runner_loses_nothing_and_runs_nothing_twice(uninterrupted, mod
     assert f"start {todo.name} on cpu (--resume)" in again.stdout
     for r in RUNS:
         assert metrics(study / "runs" / r) == metrics(uninterrupted[0] / "runs" / r), r
+    problems = [(d / "runs" / todo.name / "eval_problems.jsonl").read_text()
+                for d in (study, uninterrupted[0])]
+    assert problems[0] == problems[1]  # the per-problem records resumed with the metrics
     starts = [json.loads(x)["job"] for x in (study / "attempts.jsonl").read_text().splitlines()
               if json.loads(x)["event"] == "start"]
     assert starts == [todo.name, todo.name]  # the finished runs never ran again
