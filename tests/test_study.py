@@ -34,6 +34,7 @@ from rlvr.study_progress import status_text
 from rlvr.study_schedule import (
     Card,
     Job,
+    eval_jobs,
     job_seconds,
     per_card_counts,
     simulate,
@@ -152,6 +153,22 @@ def test_a_runs_projected_time_is_its_steps_and_evals_at_the_measured_rates(tmp_
               n_steps=80, eval_every=10, eval_problems=1250)
     assert job_seconds(job, table, 2) == pytest.approx(735.0)
     assert job_seconds(job, table, 3) is None  # not measured at 3 per card
+
+
+def test_final_evaluations_follow_their_runs_with_the_runs_share(tmp_path):
+    trains = [Job(f"M-0.5B_NSR_s{i}", "train", REPO / "MATH_experiment.py", [],
+                  tmp_path / "runs" / f"M-0.5B_NSR_s{i}", "org/M-0.5B", share=0.5)
+              for i in (1, 2)]
+    jobs = eval_jobs(spec(final_eval="math500,amc23:16", final_eval_flags=("--limit", "4")),
+                     tmp_path, trains)
+    assert [(j.name, j.after) for j in jobs] == [
+        ("eval:base-M-0.5B", None), ("eval:M-0.5B_NSR_s1", "M-0.5B_NSR_s1"),
+        ("eval:M-0.5B_NSR_s2", "M-0.5B_NSR_s2")]
+    assert jobs[1].command(resume=True) == [
+        sys.executable, str(REPO / "evaluate.py"), "--model_id", str(trains[0].run_dir),
+        "--out", str(tmp_path / "evals" / "M-0.5B_NSR_s1"), "--gpu_mem_util", "0.450",
+        "--datasets", "math500", "amc23", "--n", "16", "--limit", "4"]
+    assert jobs[0].args[:2] == ["--model_id", "org/M-0.5B"] and jobs[0].share == 0.5
 
 
 def test_visible_cards_come_from_nvidia_smi_and_cuda_visible_devices(tmp_path, monkeypatch):
