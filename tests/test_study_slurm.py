@@ -20,11 +20,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def slurm():
-    proc = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "start_local_slurm.sh")],
-                          capture_output=True, text=True, timeout=120)
+    script = str(REPO / "tests" / "slurm" / "start_local_slurm.sh")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         pytest.skip(f"a local Slurm cannot start here: {proc.stderr.strip() or proc.stdout}")
     pytest.importorskip("submitit")
+    yield
+    if "already up" not in proc.stdout:  # stop only what this test started
+        subprocess.run(["bash", script, "stop"], capture_output=True, timeout=60)
 
 
 def wait_for(what, timeout_s: float = 240.0, every_s: float = 0.1):
