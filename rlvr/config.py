@@ -101,6 +101,13 @@ class Config:
     rollout_tp: int = _opt(1, "GPUs that share one vLLM engine (tensor parallel) in a torchrun "
                               "job, for a model whose rollouts do not fit one card; must divide "
                               "the GPUs per node")
+    plan_json: bool = _opt(False, "with --dry_run: print one JSON object instead of the table: "
+                                  "config (the resolved settings), plan (the memory plan and its "
+                                  "printed table; null without a GPU or --gpu_memory_gb, "
+                                  "{\"error\": ...} when it cannot fit), min_budget_gib (the "
+                                  "smallest budget it fits), model_error (why --model_id cannot "
+                                  "load, or null), eval_problems; bad flags still exit 2. "
+                                  "run_study.py asks this before it starts a study")
     # --- evaluation
     eval_every: int = _opt(10, "evaluate every N steps (also at step 0 and after the last step)")
     eval_n: int = _opt(4, "samples per eval problem (pass@k for k = 1, 2, 4, ... <= n)")
@@ -129,6 +136,11 @@ class Config:
                                       "log-probs and log their gap to the trainer's; 0 = never "
                                       "(every step with --rollout_is)")
     debug: bool = _opt(False, "keep third-party progress bars and warnings in the log")
+    # --- labels (recorded in config.json; they never change what the run does)
+    study: str | None = _opt(None, "name of the study this run belongs to (run_study.py sets it)")
+    study_axes: dict | None = _opt(None, "the run's values of the study's axes, a JSON object, "
+                                         "e.g. '{\"objective\": \"NSR\", \"seed\": 1}' "
+                                         "(run_study.py sets it)")
 
     @property
     def prompts_per_step(self) -> int:
@@ -192,6 +204,7 @@ class Config:
             (not self.fsdp or self.optim in ("auto", "adamw"),
              f"--fsdp shards exact AdamW only (--optim adamw or auto); --optim {self.optim} "
              "keeps optimizer state FSDP does not shard"),
+            (self.dry_run or not self.plan_json, "--plan_json goes with --dry_run"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -262,7 +275,8 @@ RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature",
                     "n_eval_examples_logged", "grader_workers", "grade_timeout_s", "backend",
                     "gpu_mem_util", "vllm_sleep", "vllm_max_num_seqs", "output_dir",
                     "logprob_gap_every", "gpu_memory_gb", "host_memory_gb", "micro_batch_tokens",
-                    "gradient_checkpointing", "dry_run", "debug", "compile", "rollout_tp"}
+                    "gradient_checkpointing", "dry_run", "debug", "compile", "rollout_tp",
+                    "plan_json", "study", "study_axes"}
 
 
 def _help_text(f: dataclasses.Field) -> str:
@@ -297,10 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = int
         elif f.type in ("float", "float | None"):
             kw["type"] = float
+        elif f.type == "dict | None":
+            kw["type"] = _json_object
         else:
             kw["type"] = str
         parser.add_argument(f"--{f.name}", **kw)
     return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _coerce(values: dict) -> dict:
@@ -335,6 +361,7 @@ def resolve(explicit: dict, saved: dict | None = None) -> Config:
     given.setdefault("debug", False)
     given.setdefault("dry_run", False)
     given.setdefault("compile", False)
+    given.setdefault("plan_json", False)
     return dataclasses.replace(base, **{k: v for k, v in given.items() if k in RESUMABLE_FIELDS})
 
 

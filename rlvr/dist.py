@@ -187,6 +187,12 @@ class _Silent:
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
 
+    def __enter__(self) -> _Silent:  # what stands in for rank 0's run-directory claim
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
 
 def on_main(make: Callable[[], T]) -> T:
     """`make()` on rank 0; elsewhere an object on which every method call does nothing."""

@@ -172,3 +172,25 @@ def summarize_records(records: list[dict]) -> dict[str, dict[str, dict[str, floa
     for (model, dataset), recs in groups.items():
         out.setdefault(model, {})[dataset] = summarize_samples(recs)
     return out
+
+
+# One line of a run's eval_problems.jsonl (with the eval's "step"), and what the study report
+# reads from evaluate.py's samples.jsonl: the same function makes both.
+EVAL_PROBLEMS_FILE = "eval_problems.jsonl"  # beside metrics.jsonl
+PROBLEM_KEYS = ("model", "dataset", "problem_id", "subject", "level", "n", "correct")
+
+
+def problem_results(records: list[dict]) -> list[dict]:
+    """Per-problem results of per-sample records (RECORD_KEYS): model, dataset, problem_id,
+    subject, level, n (samples) and correct (samples scored 1), one per model x dataset x
+    problem, in the records' order."""
+    out: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["model"], r["dataset"], r["problem_id"])
+        if key not in out:
+            out[key] = {"model": r["model"], "dataset": r["dataset"],
+                        "problem_id": r["problem_id"], "subject": r.get("subject"),
+                        "level": r.get("level"), "n": 0, "correct": 0}
+        out[key]["n"] += 1
+        out[key]["correct"] += round(float(r["score"]))
+    return list(out.values())

@@ -28,15 +28,15 @@ from rlvr.eval_run import (
     run_eval,
     training_eval_metrics,
 )
-from rlvr.evaluation import format_eval_table
+from rlvr.evaluation import EVAL_PROBLEMS_FILE, format_eval_table, problem_results
 from rlvr.fsdp import full_tensors
 from rlvr.objectives import compute_advantages
 from rlvr.reward import BatchGrader
 from rlvr.rollout import RolloutEngine
+from rlvr.run_dir import Claim, claim_or_exit
 from rlvr.run_setup import (
     Problems,
     Resolved,
-    check_run_dir,
     dry_run,
     encode_problems,
     load_data,
@@ -247,6 +247,7 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
         # the sampler's large eval batches leave blocks in torch's cache that the next update
         # cannot reuse (the step-11 OOM of issue 8 came right after an eval)
         torch.cuda.empty_cache()
+    logger.problems(at_step, problem_results(result.records))
     logger.log(at_step, metrics)
     for i, ex in enumerate(examples):
         logger.text(f"eval_samples/{i}", ex, at_step)
@@ -299,8 +300,9 @@ def restore(run: Run) -> int:
         # crashed before its first checkpoint: nothing to continue, so start it again from step 0
         print(f"[resume] no checkpoint under {cfg.run_dir}: restarting the run from step 0",
               flush=True)
-        for old in [*cfg.run_dir.glob("events.out.tfevents.*"), cfg.run_dir / "metrics.jsonl"]:
-            if dist.is_main():  # [dist] rank 0's files
+        if dist.is_main():  # [dist] rank 0's files
+            for old in [*cfg.run_dir.glob("events.out.tfevents.*"), cfg.run_dir / "metrics.jsonl",
+                        cfg.run_dir / EVAL_PROBLEMS_FILE]:
                 old.unlink(missing_ok=True)
     if ckpt is None:
         return 0
@@ -346,10 +348,17 @@ def build(cfg: Config) -> Run:
 
 
 def run(cfg: Config) -> dict:
-    check_run_dir(cfg)
     if cfg.dry_run:
         dry_run(cfg)
         return {}
+    # before anything loads: two runs never share a directory (rlvr/run_dir.py)  [dist] rank 0's
+    with dist.on_main(lambda: claim_or_exit(cfg.run_dir, cfg.resume)) as claim:
+        out = train(cfg, claim)
+        claim.mark_done(cfg.n_train_steps)  # last: after the final model and every metric
+    return out
+
+
+def train(cfg: Config, claim: Claim) -> dict:
     r = build(cfg)
     step = restore(r)
     # [dist] rank 0 writes the run's config, logs and metrics (the other ranks' logger is mute)
@@ -357,6 +366,7 @@ def run(cfg: Config) -> dict:
               else "ddp" if dist.under_torchrun() else "single"}
     if dist.is_main():
         write_config(cfg, r.device, step, r.mem.plan, launch)
+    claim.mark_ready()
     logger = dist.on_main(lambda: RunLogger(cfg.run_dir, resume_step=step if step else None))
     print(f"[run] {cfg.run_name}: {cfg.objective} on {cfg.model_id}, engine {r.engine.name}, "
           f"device {r.device} x {launch['world_size']} ({launch['mode']}), optimizer "

@@ -1,12 +1,14 @@
-"""Reading training runs back from their logs, aggregating seeds, and the results.md tables.
+"""Training runs read back from their logs, grouped by what they are, and the results.md tables.
 
 Every number comes from `<logdir>/<exp_name>/`: `metrics.jsonl`, the run's own record of its
-scalars (TensorBoard events, read with TensorBoard's own EventAccumulator, for a run without one)
-and `config.json`. Nothing is typed in by hand, so anyone can regenerate the figures from their
-own runs with `python plot_results.py`.
+scalars (rlvr/run_logs.py; TensorBoard events for a run without one) and `config.json`. Nothing
+is typed in by hand, so anyone can regenerate the figures from their own runs with
+`python plot_results.py`.
 
 Statistics, stated once so that the figures and `results.md` agree:
-- runs of the same model x objective (x lambda) are seeds of one group and are averaged;
+- runs whose config.json records the same settings in everything but the seed (see
+  `run_settings`) are seeds of one group and are averaged; groups of one model that differ in
+  more than objective and λ are labelled with the settings they differ in;
 - standard error (SE): across seeds, sample std (ddof=1) / sqrt(n_seeds); for a single seed,
   the within-run SE the run logged (`eval/pass@k_se`, over eval problems; none where it
   logged none);
@@ -22,8 +24,11 @@ import math
 import re
 import statistics
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from rlvr.config import RESUMABLE_FIELDS
+from rlvr.run_logs import plural, read_scalars
 
 PASS1 = "eval/pass@1"
 PASS_K_RE = re.compile(r"^eval/pass@(\d+)$")
@@ -37,14 +42,29 @@ BASE_COLOR = "tab:gray"
 DECIMALS = 1  # printed precision of every percentage in results.md and the bar labels
 
 
+# config.json keys that are no settings, and settings that do not change what a run computes:
+# those a resume may change (eval cadence and size, memory, engine), names and output places, the
+# study labels, and the preset (its values are recorded one by one).
+NOT_WHAT_A_RUN_IS = RESUMABLE_FIELDS | {
+    "exp_name", "output_dir", "study", "study_axes", "preset", "seed",
+    "memory_plan", "provenance", "settings_history", "resumes"}
+# resumable, so not part of what a run is, but seeds that differ in them are pooled with a warning
+EVAL_SETTINGS = ("n_train_steps", "eval_n", "eval_limit", "eval_temperature", "eval_top_p",
+                 "eval_max_tokens")
+
+
 @dataclass
-class Run:
+class LoggedRun:
+    """A training run as read back from its directory."""
     name: str
     model: str  # short name: last path component of model_id
     objective: str  # objective as configured, e.g. "W_REINFORCE"
-    method: str  # group label, e.g. "W_REINFORCE (λ=0.1)"
+    method: str  # group label, e.g. "W_REINFORCE (λ=0.1)" (read_runs adds differing settings)
     seed: int | None
     scalars: dict[str, dict[int, float]]  # tag -> step -> value
+    settings: dict = field(default_factory=dict)  # run_settings(config.json)
+    config: dict = field(default_factory=dict)
+    path: Path | None = None
 
     @property
     def final_step(self) -> int:
@@ -62,7 +82,7 @@ class Stat:
 class Group:
     model: str
     method: str
-    runs: list[Run]
+    runs: list[LoggedRun]
 
     @property
     def n(self) -> int:
@@ -93,7 +113,8 @@ def combine(values: list[float], within_se: list[float]) -> Stat:
     return Stat(statistics.fmean(values), statistics.stdev(values) / math.sqrt(n), n)
 
 
-def stat_at(runs: Iterable[Run], tag: str, step_of: Callable[[Run], int]) -> Stat | None:
+def stat_at(runs: Iterable[LoggedRun], tag: str,
+            step_of: Callable[[LoggedRun], int]) -> Stat | None:
     vals, ses = [], []
     for r in runs:
         step = step_of(r)
@@ -103,12 +124,12 @@ def stat_at(runs: Iterable[Run], tag: str, step_of: Callable[[Run], int]) -> Sta
     return combine(vals, ses) if vals else None
 
 
-def baseline(runs: list[Run], tag: str = PASS1) -> Stat | None:
+def baseline(runs: list[LoggedRun], tag: str = PASS1) -> Stat | None:
     """Step-0 eval of a model, pooled over all its runs (they all evaluate the initial model)."""
     return stat_at(runs, tag, lambda r: 0)
 
 
-def pass_at_k(runs: list[Run], step_of: Callable[[Run], int]) -> dict[int, Stat]:
+def pass_at_k(runs: list[LoggedRun], step_of: Callable[[LoggedRun], int]) -> dict[int, Stat]:
     ks = sorted({int(m[1]) for r in runs for t in r.scalars if (m := PASS_K_RE.match(t))})
     out = {k: stat_at(runs, f"eval/pass@{k}", step_of) for k in ks}
     return {k: s for k, s in out.items() if s is not None}
@@ -122,115 +143,25 @@ def smooth(values: list[float], window: int) -> list[float]:
 # ----------------------------------------------------------------------------- reading
 
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics_file(path: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
-    """Scalars from a run's metrics.jsonl, and what could not be read.
-
-    A line that does not parse (torn by a crash, damaged on disk) is skipped and reported, never
-    a reason to drop the lines after it. Non-finite values are logged as null: left out.
-    """
-    out: dict[str, dict[int, float]] = {}
-    bad = []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = record["step"]
-            if type(step) is not int:
-                raise TypeError(f"step {step!r}")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            bad.append(lineno)
-            continue
-        for tag, value in record.items():
-            if tag != "step" and type(value) in (int, float):
-                out.setdefault(tag, {})[step] = float(value)  # a later line for a step wins
-    problems = []
-    if bad:
-        lines = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        problems.append(f"{METRICS_FILE}: {plural(len(bad), 'unreadable line')} skipped "
-                        f"(line {lines})")
-    return {tag: dict(sorted(steps.items())) for tag, steps in out.items()}, problems
-
-
-def read_event_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """All TensorBoard scalars of a run directory, through TensorBoard's own EventAccumulator.
-
-    Orphaned data is purged as TensorBoard itself does: a resumed run writes a restart marker at
-    its checkpoint step + 1 (SummaryWriter's purge_step), and what a dead process logged from
-    there on is dropped. A step still logged twice keeps the value with the latest wall_time.
-    """
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    acc = ea.EventAccumulator(str(run_dir), {ea.SCALARS: 0}, purge_orphaned_data=True)
-    acc.Reload()
-    out: dict[str, dict[int, float]] = {}
-    for tag in acc.Tags()["scalars"]:
-        latest: dict[int, tuple[float, float]] = {}
-        for ev in acc.Scalars(tag):
-            if ev.step not in latest or ev.wall_time >= latest[ev.step][0]:
-                latest[ev.step] = (ev.wall_time, ev.value)
-        out[tag] = {step: v for step, (_, v) in sorted(latest.items())}
-    return out
-
-
-def damaged_event_files(run_dir: Path) -> list[tuple[str, int, int | None, str]]:
-    """(file, records read, last step read, why) for each event file that stops being readable.
-
-    EventAccumulator stops reading a file at the first record that fails its checksum or is cut
-    short, silently; TensorBoard's own record reader says where and why.
-    """
-    from tensorboard.compat.proto import event_pb2
-    from tensorboard.compat.tensorflow_stub import errors
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
-
-    damaged = []
-    for path in sorted(run_dir.glob("events.out.tfevents.*")):
-        reader, n, last_step = PyRecordReader_New(str(path)), 0, None
-        while True:
-            try:
-                reader.GetNext()
-            except errors.OutOfRangeError:
-                break
-            except errors.DataLossError as e:
-                damaged.append((path.name, n, last_step, e.message.split(" ", 1)[-1]))
-                break
-            n += 1
-            last_step = event_pb2.Event.FromString(reader.record()).step
-    return damaged
-
-
-def read_scalars(run_dir: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
-    """The scalars a run kept, and warnings about data that could not be read.
-
-    metrics.jsonl is the run's record: the training loop logs every scalar there and in
-    TensorBoard, and on --resume truncates it to the checkpoint step, so it holds exactly what
-    the run itself reports. TensorBoard events are read (orphans purged) only for a run without
-    one. Damaged event files are reported either way.
-    """
-    metrics = run_dir / METRICS_FILE
-    if metrics.is_file():
-        scalars, problems = read_metrics_file(metrics)
-        consequence = "TensorBoard shows less of this run (the numbers here use metrics.jsonl)"
-    else:
-        scalars, problems = read_event_scalars(run_dir), []
-        consequence = "the rest of that file is missing here (no metrics.jsonl to use instead)"
-    for name, n, step, why in damaged_event_files(run_dir):
-        where = f"after record {n}" + ("" if step is None else f" (step {step})")
-        problems.append(f"event file {name} is unreadable {where}: {why}; {consequence}")
-    return scalars, problems
-
-
 def method_label(objective: str, lambda_psr: float | None) -> str:
     if objective == "W_REINFORCE" and lambda_psr is not None:
         return f"W_REINFORCE (λ={lambda_psr:g})"
     return objective
 
 
-def read_run(run_dir: Path) -> tuple[Run | str, list[str]]:
+def run_settings(cfg: dict) -> dict:
+    """What a run is, from its config.json: every setting but the seed and NOT_WHAT_A_RUN_IS,
+    the optimizer as its memory plan resolved "auto", and λ only for W_REINFORCE (the one
+    objective that reads it)."""
+    out = {k: v for k, v in cfg.items() if k not in NOT_WHAT_A_RUN_IS}
+    if plan_optim := (cfg.get("memory_plan") or {}).get("optim"):
+        out["optim"] = plan_optim
+    if cfg.get("objective") != "W_REINFORCE":
+        out.pop("lambda_psr", None)
+    return out
+
+
+def read_run(run_dir: Path) -> tuple[LoggedRun | str, list[str]]:
     """The run, or the reason it cannot be used; and warnings about data that could not be read."""
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -245,19 +176,26 @@ def read_run(run_dir: Path) -> tuple[Run | str, list[str]]:
     if not scalars.get(PASS1):
         return f"no {PASS1} scalars", problems
     method = method_label(objective, cfg.get("lambda_psr"))
-    return Run(run_dir.name, model, objective, method, cfg.get("seed"), scalars), problems
+    return LoggedRun(run_dir.name, model, objective, method, cfg.get("seed"), scalars,
+                     run_settings(cfg), cfg, run_dir), problems
 
 
-def read_runs(logdir: Path) -> tuple[list[Run], list[tuple[str, str]], list[tuple[str, str]]]:
-    """(usable runs, skipped (name, reason), warnings (name, message)) for each run directory:
-    a direct subdirectory holding config.json, metrics.jsonl or TensorBoard event files (or
-    logdir itself, when it is one run)."""
-    runs, skipped, warnings = [], [], []
+def run_dirs(logdir: Path) -> list[Path]:
+    """logdir itself when it is one run, else its subdirectories that look like runs (a
+    config.json, metrics.jsonl or TensorBoard events)."""
+    if (logdir / "config.json").is_file():
+        return [logdir]
     dirs = sorted(p for p in logdir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for d in [logdir] if (logdir / "config.json").is_file() else dirs:
-        if not any((d / f).exists() for f in ("config.json", METRICS_FILE)) \
-                and not any(d.glob("events.out.tfevents.*")):
-            continue
+    return [d for d in dirs if any((d / f).exists() for f in ("config.json", "metrics.jsonl"))
+            or any(d.glob("events.out.tfevents.*"))]
+
+
+def read_runs(logdir: Path) -> tuple[list[LoggedRun], list[tuple[str, str]],
+                                     list[tuple[str, str]]]:
+    """(usable runs, skipped (name, reason), warnings (name, message)) for each run directory
+    (`run_dirs`), labelled by group (`label_groups`)."""
+    runs, skipped, warnings = [], [], []
+    for d in run_dirs(logdir):
         run, problems = read_run(d)
         warnings += [(d.name, p) for p in problems]
         if isinstance(run, str):
@@ -268,11 +206,55 @@ def read_runs(logdir: Path) -> tuple[list[Run], list[tuple[str, str]], list[tupl
         if f"{PASS1}_se" not in run.scalars:
             warnings.append((d.name, f"no {PASS1}_se: within-run SE unavailable"))
         runs.append(run)
+    label_groups(runs)
     for g in group_runs(runs)[2].values():
+        names = ", ".join(r.name for r in g.runs)
         if len({r.seed for r in g.runs}) < g.n:  # a rerun would otherwise pass for a new seed
-            warnings.append((", ".join(r.name for r in g.runs), "same seed in several runs of "
-                             f"{g.model} {g.method}; each is still counted as a seed"))
+            warnings.append((names, f"same seed in several runs of {g.model} {g.method}; each "
+                             "is still counted as a seed"))
+        for k in EVAL_SETTINGS:
+            if len(values := {_show(r.config.get(k)) for r in g.runs}) > 1:
+                warnings.append((names, f"seeds of {g.model} {g.method} differ in {k} "
+                                 f"({', '.join(sorted(values))}); pooled anyway"))
     return runs, skipped, warnings
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return " ".join(map(_show, value))
+    return "–" if value is None else str(value)
+
+
+def _key(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def label_groups(runs: list[LoggedRun]) -> None:
+    """Set each run's `method`: objective (and λ), plus `[setting=value, ...]` for every setting
+    in which groups of one model differ, so that no two groups of a model share a label."""
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in runs:
+        by_model.setdefault(r.model, {})[_key(r.settings)] = r.settings
+    differing: set[str] = set()
+    for groups in by_model.values():
+        names = set().union(*groups.values()) - {"objective", "lambda_psr"}
+        differing |= {k for k in names if len({_show(g.get(k)) for g in groups.values()}) > 1}
+    labels: dict[tuple[str, str], str] = {}
+    for r in runs:
+        key = (r.model, _key(r.settings))
+        if key not in labels:
+            base = method_label(r.objective, r.settings.get("lambda_psr"))
+            extra = ", ".join(f"{k}={_show(r.settings.get(k))}" for k in sorted(differing))
+            label = f"{base} [{extra}]" if extra else base
+            taken = {v for (m, _), v in labels.items() if m == r.model}
+            n, unique = 1, label
+            while unique in taken:  # two values that print alike
+                n += 1
+                unique = f"{label} #{n}"
+            labels[key] = unique
+        r.method = labels[key]
 
 
 _SIZE_WORDS = {"XS": 0, "S": 1, "M": 2, "L": 3, "XL": 4}
@@ -286,7 +268,8 @@ def _model_key(model: str) -> tuple[float, float, str]:
     return (float(m[1]) if m else math.inf, size, model)
 
 
-def group_runs(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str], Group]]:
+def group_runs(runs: list[LoggedRun]) -> tuple[list[str], list[str],
+                                             dict[tuple[str, str], Group]]:
     """(models, methods, groups keyed by (model, method)), models and methods in display order."""
     groups: dict[tuple[str, str], Group] = {}
     for r in runs:
@@ -324,8 +307,23 @@ def fmt(s: Stat | None) -> str:
     return text if math.isnan(s.se) else f"{text} ± {100 * s.se:.{DECIMALS}f}"
 
 
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("s" if n != 1 else "")
+def _span(values: set[int]) -> str:
+    if not values:
+        return "?"
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
+
+
+def eval_size(runs: Iterable[LoggedRun]) -> str:
+    """'100 problems × 4 samples' per eval, as the runs logged it (a range where they differ):
+    a pass rate from 8 problems x 2 samples must not read like one from 1,250 x 4."""
+    runs = list(runs)
+    problems = {round(v) for r in runs for v in r.scalars.get("eval/n_problems", {}).values()}
+    samples = {round(v) for r in runs
+               for v in r.scalars.get("eval/n_samples_per_problem", {}).values()}
+    if not problems and not samples:
+        return "eval size not logged"
+    return f"{_span(problems)} problems × {_span(samples)} samples"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -333,13 +331,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
-def results_markdown(runs: list[Run], skipped: list[tuple[str, str]], logdir: Path,
-                     warnings: Iterable[tuple[str, str]] = ()) -> str:
+def results_markdown(runs: list[LoggedRun], skipped: list[tuple[str, str]], logdir: Path,
+                     warnings: Iterable[tuple[str, str]] = (),
+                     command: str = "python plot_results.py") -> str:
     models, methods, groups = group_runs(runs)
     out = [
         "# Results",
         "",
-        f"Generated by `python plot_results.py` from {len(runs)} runs under `{logdir}`. "
+        f"Generated by `{command}` from {len(runs)} runs under `{logdir}`. "
         "Numbers are MATH eval pass rates in %, mean ± 1 standard error (SE). With one seed "
         "the SE is the within-run one the run logged (over eval problems, `eval/pass@k_se`; "
         "none where it logged none); with several seeds it is across seeds (sample std / sqrt(n)).",
@@ -348,7 +347,8 @@ def results_markdown(runs: list[Run], skipped: list[tuple[str, str]], logdir: Pa
     for method in methods:
         gs = [groups[(m, method)] for m in models if (m, method) in groups]
         steps = sorted({s for g in gs for s in g.curve()})
-        out += [f"## {method}: pass@1 (%) at each eval step", ""]
+        out += [f"## {method}: pass@1 (%) at each eval step", "",
+                f"Each eval: {eval_size(r for g in gs for r in g.runs)}.", ""]
         rows = []
         for g in gs:
             curve = g.curve()
@@ -361,7 +361,8 @@ def results_markdown(runs: list[Run], skipped: list[tuple[str, str]], logdir: Pa
     k = max((max(d) for d in [*finals.values(), *bases.values()] if d), default=1)
     k_col = (lambda d: [fmt(d.get(k))]) if k > 1 else (lambda d: [])
 
-    out += ["## Final performance", ""]
+    out += ["## Final performance", "", "Each eval: " + "; ".join(
+        f"{m} {eval_size(r for r in runs if r.model == m)}" for m in models) + ".", ""]
     rows = []
     for m in models:
         model_runs = [r for r in runs if r.model == m]

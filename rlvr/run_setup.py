@@ -25,6 +25,7 @@ from rlvr.data import DataError, load_subset, stratified_subset
 from rlvr.logprobs import LOGIT_CHUNK_TOKENS
 from rlvr.memory import (
     KNOWN_SHAPES,
+    MIN_HEADROOM_SHARE,
     MemoryPlan,
     PlanError,
     Workload,
@@ -74,16 +75,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- the run directory
-
-
-def check_run_dir(cfg: Config) -> None:
-    """Refuse to clobber an existing run; a resume needs the run's config.json."""
-    if not cfg.resume and cfg.run_dir.exists():
-        raise SystemExit(f"error: run directory {cfg.run_dir} already exists; pass --resume to "
-                         "continue it, or choose another --exp_name / --output_dir")
-    if cfg.resume and not (cfg.run_dir / "config.json").is_file():
-        raise SystemExit(f"error: nothing to resume: {cfg.run_dir / 'config.json'} not found")
+# ----------------------------------------------------------------------------- config.json
 
 
 def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None,
@@ -262,12 +254,41 @@ def eval_problem_count(cfg: Config) -> int:
 
 
 def dry_run(cfg: Config) -> int:
+    if cfg.plan_json:
+        print(json.dumps(plan_report(cfg)), flush=True)
+        return 0
     plan, fsdp = choose_plan(cfg, eval_problem_count(cfg))
     print(plan.format_table())
     if (size := dist.launched().size) > 1:
         layout = "sharded (fsdp)" if fsdp else "replicated (ddp)"
         print(f"(the plan of one rank of {size}; the policy {layout})")
     return 0
+
+
+def plan_report(cfg: Config) -> dict:
+    """`--dry_run --plan_json`: what run_study.py needs before it starts this run, found the way
+    the run itself would find it. `plan` is None with no budget to plan for (no GPU and no
+    --gpu_memory_gb), {"error": why} when the run cannot fit, else the plan as config.json
+    records it plus "table" (the printed plan); `min_budget_gib` is the smallest
+    budget under which this plan still fits; `model_error` says why --model_id cannot load;
+    `eval_problems` is how many problems each eval will have."""
+    from rlvr.modeling import ModelSourceError, check_model_source
+
+    try:
+        check_model_source(cfg.model_id)
+        model_error = None
+    except ModelSourceError as e:
+        model_error = str(e)
+    plan, min_budget = None, None
+    if cfg.gpu_memory_gb is not None or card_gib() is not None:
+        try:
+            p, _ = choose_plan(cfg, eval_problem_count(cfg))
+            plan = {**p.to_dict(), "table": p.format_table()}
+            min_budget = p.planned_peak_gib / (1 - MIN_HEADROOM_SHARE)
+        except SystemExit as e:
+            plan = {"error": str(e.code).removeprefix("error: ")}
+    return {"config": cfg.to_json(), "plan": plan, "min_budget_gib": min_budget,
+            "model_error": model_error, "eval_problems": eval_problem_count(cfg)}
 
 
 @dataclass

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rlvr.evaluation import EVAL_PROBLEMS_FILE
+
 PACKAGES = ("torch", "transformers", "vllm", "math-verify", "tensorboard", "accelerate", "gguf")
 
 
@@ -48,10 +50,11 @@ def provenance(device: torch.device) -> dict:
 
 
 class RunLogger:
-    """Writes every scalar to TensorBoard and to metrics.jsonl, one JSON line per (step, group).
+    """Writes every scalar to TensorBoard and to metrics.jsonl, one JSON line per (step, group),
+    and each eval's per-problem results to eval_problems.jsonl.
 
     On resume from a checkpoint at step S, whatever a crashed process logged after S is removed:
-    TensorBoard hides it through `purge_step`, and metrics.jsonl is rewritten without it.
+    TensorBoard hides it through `purge_step`, and both JSON-lines files are rewritten without it.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
@@ -59,26 +62,15 @@ class RunLogger:
 
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.problems_path = self.run_dir / EVAL_PROBLEMS_FILE
         purge = None
         if resume_step is not None:
             purge = resume_step + 1
-            self._truncate_metrics(resume_step)
+            for path in (self.metrics_path, self.problems_path):
+                truncate_jsonl(path, resume_step)
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
         self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
-
-    def _truncate_metrics(self, last_step: int) -> None:
-        if not self.metrics_path.exists():
-            return
-        keep = []
-        for ln in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(ln)["step"] <= last_step:
-                    keep.append(ln)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line torn by a crash mid-write
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        self._problems = open(self.problems_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {}
@@ -90,12 +82,34 @@ class RunLogger:
         self._jsonl.flush()
         self.writer.flush()
 
+    def problems(self, step: int, records: list[dict]) -> None:
+        """One eval's per-problem results, one line each, written in one piece."""
+        self._problems.write("".join(json.dumps({"step": step, **r}) + "\n" for r in records))
+        self._problems.flush()
+
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, global_step=step)
 
     def close(self) -> None:
         self.writer.close()
         self._jsonl.close()
+        self._problems.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of a JSON-lines log with "step" <= last_step (torn lines dropped)."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(ln)["step"] <= last_step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line torn by a crash mid-write
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class ProcessMemorySampler:
