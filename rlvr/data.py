@@ -155,13 +155,22 @@ def load_math(source: str | None, split: str) -> list[dict]:
 
 
 def load_subset(data_dir: str, split: str) -> list[dict]:
-    """Rows written by data_prep.py (with `answer`), for the training and evaluation scripts."""
-    path = Path(data_dir) / f"{split}.jsonl"
+    """Rows written by data_prep.py (with `answer`), for the training and evaluation scripts;
+    DataError naming the fix when the directory is not one data_prep.py wrote, or the split is
+    empty."""
+    root, path = Path(data_dir), Path(data_dir) / f"{split}.jsonl"
+    if root.is_file():
+        raise DataError(f"--data_dir {data_dir} is a file; pass the directory data_prep.py "
+                        "wrote (it holds train.jsonl and test.jsonl)")
     if not path.is_file():
-        raise DataError(
-            f"no MATH subset at {path}: run `python data_prep.py` first (or pass --data_dir)"
-        )
-    return read_json_lines(path)
+        raise DataError(f"no MATH subset at {path}; build it with `python data_prep.py "
+                        f"--output_dir {data_dir}`, or pass --data_dir the directory "
+                        "data_prep.py wrote")
+    rows = read_json_lines(path)
+    if not rows:
+        raise DataError(f"{path} holds no problems; rebuild it with `python data_prep.py "
+                        f"--output_dir {data_dir}` and a larger --fraction")
+    return rows
 
 
 def read_json_lines(path: Path) -> list[dict]:

@@ -115,8 +115,8 @@ def load_eval_set(name: str, data_root: str | None = None) -> list[dict]:
     if data_root is not None:
         path = Path(data_root) / spec.folder / "test.jsonl"
         if not path.is_file():
-            raise DataError(f"{name}: {path} not found (--data_root must hold "
-                            f"{spec.folder}/test.jsonl)")
+            raise DataError(f"{name}: {path} not found; --data_root must hold "
+                            f"{spec.folder}/test.jsonl (or leave {name} out of --datasets)")
     if spec.has_solution:
         rows = _math_rows(spec, data_root)
     elif data_root is None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from rlvr.attention import enable_packed_attention
+from rlvr.cli import fail
 from rlvr.config import RESUMABLE_FIELDS, Config
 from rlvr.data import DataError, load_subset, stratified_subset
 from rlvr.logprobs import LOGIT_CHUNK_TOKENS
@@ -29,32 +30,13 @@ from rlvr.memory import (
     model_shape_from_config,
     plan_memory,
 )
-from rlvr.prompts import encode_prompt
+from rlvr.subset import build_default_subset
 from rlvr.tracking import provenance
 
 # The eval sample must not depend on --seed: runs of several seeds are compared on one problem set.
 EVAL_SAMPLE_SEED = 0
 # Without a GPU there is no card to plan for: the CPU fallback runs with these.
 CPU_DEFAULTS = {"optim": "adamw", "gradient_checkpointing": False, "micro_batch_tokens": 16384}
-
-
-@dataclass
-class Problems:
-    rows: list[dict]
-    prompt_ids: list[list[int]]
-    n_skipped: int  # prompts over --max_prompt_tokens
-
-
-def encode_problems(rows: list[dict], tokenizer, cfg: Config) -> Problems:
-    kept_rows, ids, skipped = [], [], 0
-    for row in rows:
-        p = encode_prompt(tokenizer, row["problem"], cfg.prompt_style)
-        if len(p) > cfg.max_prompt_tokens:
-            skipped += 1
-            continue
-        kept_rows.append(row)
-        ids.append(p)
-    return Problems(kept_rows, ids, skipped)
 
 
 def select_eval_rows(rows: list[dict], limit: int | None,
@@ -77,10 +59,11 @@ def seed_everything(seed: int) -> None:
 def check_run_dir(cfg: Config) -> None:
     """Refuse to clobber an existing run; a resume needs the run's config.json."""
     if not cfg.resume and cfg.run_dir.exists():
-        raise SystemExit(f"error: run directory {cfg.run_dir} already exists; pass --resume to "
-                         "continue it, or choose another --exp_name / --output_dir")
+        fail(f"run directory {cfg.run_dir} already exists; pass --resume to continue it, or "
+             "choose another --exp_name / --output_dir")
     if cfg.resume and not (cfg.run_dir / "config.json").is_file():
-        raise SystemExit(f"error: nothing to resume: {cfg.run_dir / 'config.json'} not found")
+        fail(f"nothing to resume: {cfg.run_dir / 'config.json'} not found; check --output_dir "
+             "and --exp_name, or start the run without --resume")
 
 
 def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None) -> None:
@@ -112,17 +95,25 @@ def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None
 
 
 def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The train and test rows of --data_dir; a default --data_dir that is missing is built
+    first (data_prep.py's code, from the hub). A one-line exit on anything unusable."""
     try:
+        build_default_subset(cfg.data_dir)
         return load_subset(cfg.data_dir, "train"), load_subset(cfg.data_dir, "test")
     except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
 
 
 # ----------------------------------------------------------------------------- the memory plan
 
 
 def read_model_config(model_id: str) -> tuple[dict, str]:
-    """The model's config.json as a dict, and where it came from; never loads weights."""
+    """The model's config.json as a dict, and where it came from; never loads weights.
+
+    A hub id costs at most one bounded probe of the hub (rlvr.modeling.check_model_source):
+    when the hub cannot give the file, a model of KNOWN_SHAPES falls back to its built-in copy
+    at once, rather than after the hub client's retries.
+    """
     path = Path(model_id).expanduser()
     if model_id.endswith(".gguf"):
         from transformers import AutoConfig
@@ -131,15 +122,20 @@ def read_model_config(model_id: str) -> tuple[dict, str]:
         return cfg.to_dict(), str(path)
     if path.is_dir():
         return json.loads((path / "config.json").read_text()), str(path / "config.json")
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        local = hf_hub_download(model_id, "config.json", etag_timeout=5)
-        return json.loads(Path(local).read_text()), f"hub:{model_id}"
-    except Exception:
+    from rlvr.modeling import HUB_PROBE_TIMEOUT_S, ModelSourceError, check_model_source
+
+    try:
+        check_model_source(model_id)  # passes at once when the file is in the local cache
+    except ModelSourceError:
         if model_id in KNOWN_SHAPES:  # offline: the public config of a model we know
             return KNOWN_SHAPES[model_id], f"built-in copy of {model_id}'s config.json"
         raise
+    local = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(local, str):
+        local = hf_hub_download(model_id, "config.json", etag_timeout=HUB_PROBE_TIMEOUT_S)
+    return json.loads(Path(local).read_text()), f"hub:{model_id}"
 
 
 def workload(cfg: Config, eval_problems: int) -> Workload:
@@ -184,16 +180,15 @@ def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
     """The memory plan for this run on this card (or on --gpu_memory_gb), or a one-line exit."""
     budget = cfg.gpu_memory_gb or card_gib()
     if budget is None:
-        raise SystemExit("error: no CUDA GPU here to plan for: pass --gpu_memory_gb "
-                         "(the card's memory in GiB)")
+        fail("no CUDA GPU here to plan for; pass --gpu_memory_gb (the card's memory in GiB)")
     try:
         model_cfg, _ = read_model_config(cfg.model_id)
         shape = model_shape_from_config(model_cfg)
     except PlanError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     except Exception as e:
-        raise SystemExit(f"error: cannot read the config.json of --model_id {cfg.model_id}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
+        fail(f"cannot read the config.json of --model_id {cfg.model_id}: "
+             f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
     forced = {"true": True, "false": False}
     try:
         return plan_memory(
@@ -203,7 +198,7 @@ def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
             micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util,
             host_gib=cfg.host_memory_gb or host_ram_gib())
     except PlanError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
 
 
 def eval_problem_count(cfg: Config) -> int:
@@ -305,8 +300,8 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
         policy = load_policy(model_dir, device, mem.gradient_checkpointing,
                              dtype=param_dtype_for(mem.optim))
     except (OSError, ValueError) as e:  # a bad path or hub id, an unsupported model
-        raise SystemExit(f"error: cannot load --model_id {cfg.model_id}: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+        fail(f"cannot load --model_id {cfg.model_id}: {str(e).strip().splitlines()[0]}; pass a "
+             "hub id, a local model directory or a .gguf file")
     # padding-free micro-batches where torch's varlen flash attention runs (CUDA); elsewhere the
     # padded layout, whose sdpa kernels need no N x N mask
     mem.packed = device.type == "cuda" and enable_packed_attention(policy) == "varlen"
@@ -322,7 +317,7 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
     try:
         check_libraries(mem.optim)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     engine = build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids)
     if device.type == "cuda":
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
@@ -336,7 +331,7 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved):
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, name=mem.optim,
                                    betas=tuple(cfg.adam_betas))
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     if device.type == "cuda":
         # the zero step's freed gradients would stay cached through the first eval (measured:
         # +3.6 GiB at 1.5B)

@@ -191,15 +191,19 @@ def test_hf_engine_in_loop_metrics(tiny_model_dir, grader, data_root):
     import torch
 
     from rlvr.engines import HFEngine
-    from rlvr.eval_run import encode_problems
+    from rlvr.eval_run import problems_from_rows
     from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer
+    from rlvr.prompts import encode_problems
 
     tok = load_tokenizer(str(tiny_model_dir))
     policy = load_policy(str(tiny_model_dir), torch.device("cpu"), False)
     engine = HFEngine(policy, tok, eos_token_ids(policy, tok))
     rows = select_subset(load_eval_set("math500", str(data_root)), 2, seed=0)
-    res = run_eval(engine, grader, encode_problems(rows, tok, "paper"), n=2, temperature=1.0,
-                   top_p=1.0, max_tokens=3, seed=0, progress=None)
+    enc = encode_problems(rows, tok, "paper")
+    problems = problems_from_rows(enc.rows, enc.prompt_ids)
+    assert [(p.id, p.dataset) for p in problems] == [(r["id"], "math500") for r in rows]
+    res = run_eval(engine, grader, problems, n=2, temperature=1.0, top_p=1.0, max_tokens=3,
+                   seed=0, progress=None)
     m = training_eval_metrics(res)
     for key in ("pass@1", "pass@1_se", "pass@2", "pass@2_se", "n_problems",
                 "n_samples_per_problem", "grade_timeouts", "no_box_frac", "response_len",
@@ -215,18 +219,21 @@ def test_hf_engine_in_loop_metrics(tiny_model_dir, grader, data_root):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A MATH_experiment.py-style run directory with one checkpoint of a perturbed tiny model."""
+    """A MATH_experiment.py-style run directory with one checkpoint of a perturbed tiny model,
+    written by the training loop's own checkpoint writer."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rlvr.checkpoint import save_checkpoint
+
     run = tmp_path_factory.mktemp("runs") / "tiny_NSR_s1"
-    ckpt = run / "checkpoints" / "step_1"
-    ckpt.mkdir(parents=True)
+    run.mkdir()
     (run / "config.json").write_text(json.dumps({"model_id": str(tiny_model_dir)}))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    state = {k: v + 0.01 for k, v in model.state_dict().items()}
-    torch.save(state, ckpt / "policy.pt")
-    torch.save({"step": 1}, ckpt / "state.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    save_checkpoint(run, 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
     return run
 
 
@@ -314,17 +321,23 @@ def test_resume_after_an_interrupted_write(finished, capsys, monkeypatch):
     assert summary["results"] == json.loads(json.dumps(summarize_records(records)))
 
 
-def test_resume_after_a_kill(tmp_path, tiny_model_dir, data_root, capsys):
+def test_resume_after_a_kill_equals_the_uninterrupted_evaluation(tmp_path, tiny_model_dir,
+                                                                  data_root, capsys):
     """SIGKILL the script once its first chunk is on disk, then re-run: the finished problems
-    are kept as they are, the rest are done once, and no line is duplicated."""
+    are kept as they are, the rest are done once, and samples.jsonl is byte for byte the one an
+    uninterrupted evaluation with the same --seed writes (each problem's samples depend only on
+    the seed, its dataset and its id)."""
     import signal
     import time
 
+    def args(out: Path) -> list[str]:
+        return ["--model_id", str(tiny_model_dir), "--datasets", "amc23", "--data_root",
+                str(data_root), "--limit", "6", "--n", "2", "--max_tokens", "4", "--backend",
+                "hf", "--grader_workers", "1", "--chunk_samples", "2", "--seed", "3",
+                "--out", str(out)]
+
     out = tmp_path / "out"
-    args = ["--model_id", str(tiny_model_dir), "--datasets", "amc23", "--data_root",
-            str(data_root), "--limit", "6", "--n", "2", "--max_tokens", "4", "--backend", "hf",
-            "--grader_workers", "1", "--chunk_samples", "2", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *args(out)], cwd=REPO,
                             env=_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -335,14 +348,16 @@ def test_resume_after_a_kill(tmp_path, tiny_model_dir, data_root, capsys):
     proc.wait()
     before, _ = read_jsonl(out / SAMPLES)
     assert before, "the script died before writing its first chunk"
-    assert _evaluate_module().main(args) == 0
+    assert _evaluate_module().main(args(out)) == 0
     records, torn = read_jsonl(out / SAMPLES)
     keys = [(r["problem_id"], r["sample"]) for r in records]
     assert not torn and len(keys) == len(set(keys)) == 6 * 2
     done_before = {r["problem_id"] for r in before}
     assert records[:len(before)] == before  # kept, not redone
     timing, _ = read_jsonl(out / "timing.jsonl")
-    assert timing[-1]["problems"] == 6 - len(done_before)
+    assert timing[-1]["problems"] == 6 - len(done_before) < 6
+    assert _evaluate_module().main(args(tmp_path / "straight")) == 0
+    assert (out / SAMPLES).read_bytes() == (tmp_path / "straight" / SAMPLES).read_bytes()
     capsys.readouterr()
 
 
@@ -408,6 +423,7 @@ def test_bad_models_data_and_out_dirs_are_one_line_errors(tmp_path, tiny_model_d
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "x.txt").write_text("x")
     (tmp_path / "empty_root").mkdir()
+    (tmp_path / "f").write_text("a file where --out wants a directory")
     base = ["--data_root", str(DATA_ROOT), "--datasets", "amc23"]
     cases = [
         (["--model_id", "./no/such/model", *base], "not found"),
@@ -418,7 +434,10 @@ def test_bad_models_data_and_out_dirs_are_one_line_errors(tmp_path, tiny_model_d
         (["--model_id", str(tiny_model_dir), "--checkpoint", "step_1", *base],
          "--checkpoint applies to run directories"),
         (["--model_id", str(tiny_model_dir), "--data_root", str(tmp_path / "empty_root")],
-         "MATH500/test.jsonl not found"),
+         "MATH/test.jsonl not found; --data_root must hold MATH/test.jsonl"),
+        (["--model_id", str(tiny_model_dir), *base, "--out", str(tmp_path / "f" / "out")],
+         f"cannot write the output directory {tmp_path / 'f' / 'out'}: {tmp_path / 'f'} is a "
+         "file, not a directory; pass another --out"),
         (["--model_id", str(tiny_model_dir), "--data_root", str(tmp_path / "nowhere")],
          "is not a directory"),
         ([*args[:-1], str(tmp_path / "not_a_model")], "not an evaluate.py output directory"),
