@@ -151,13 +151,7 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
-# Below this size activations are cheap and recomputing them costs more than the memory saved
-# (measured on an H200: 0.5B update 1.29 s with checkpointing at micro-batch 8, 0.73 s without
-# at 16); above it, a 3B model without checkpointing outgrows an 80 GB card.
-AUTO_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
-
-
-def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bool | str, *,
+def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bool, *,
                 dtype: torch.dtype = torch.float32):
     """The trainable policy, its weights loaded directly in `dtype` (fp32 master weights unless
     the optimizer keeps its own accurate copy).
@@ -177,9 +171,6 @@ def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bo
              if getattr(model.config, k, None) not in (None, 1, 1.0)]
     if getattr(model.lm_head, "bias", None) is not None or extra:
         raise ValueError(f"unsupported output head for {model_dir}: lm_head bias or {extra}")
-    if gradient_checkpointing == "auto":
-        n_params = sum(p.numel() for p in model.parameters())
-        gradient_checkpointing = n_params >= AUTO_CHECKPOINTING_MIN_PARAMS
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

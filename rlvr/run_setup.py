@@ -22,14 +22,8 @@ from rlvr.cli import fail
 from rlvr.config import RESUMABLE_FIELDS, Config
 from rlvr.data import DataError, load_subset, stratified_subset
 from rlvr.logprobs import LOGIT_CHUNK_TOKENS
-from rlvr.memory import (
-    KNOWN_SHAPES,
-    MemoryPlan,
-    PlanError,
-    Workload,
-    model_shape_from_config,
-    plan_memory,
-)
+from rlvr.memory import KNOWN_SHAPES, PlanError, Workload, model_shape_from_config
+from rlvr.memory_plan import MemoryPlan, plan_memory
 from rlvr.subset import build_default_subset
 from rlvr.tracking import provenance
 

@@ -383,6 +383,51 @@ def test_eval_report_for_plot_results(finished, tmp_path):
     assert "### math500" in md and "eval_pass_at_k.png" in md
 
 
+def test_every_table_and_figure_says_how_big_each_eval_was(finished):
+    """pass@1 0.0 from 2 problems x 2 samples must not read like certainty: the tables and each
+    panel of the figure state problems x samples, and a line of zeros stays above the axis."""
+    from rlvr.eval_report import (
+        build_summary,
+        format_summary_table,
+        pass_at_k_figure,
+        results_markdown,
+    )
+
+    tmp, _, _ = finished
+    out = tmp / "out"
+    summary = build_summary(out, json.loads((out / "eval_config.json").read_text()))
+    md = results_markdown(summary)
+    assert "| model | problems × samples | pass@1 |" in md and "| 2 × 2 |" in md
+    assert "problems × samples" in format_summary_table(summary)
+    fig = pass_at_k_figure([("out", summary)])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["math500: 2 problems × 2 samples", "amc23: 2 problems × 2 samples"]
+    assert all(ax.get_ylim()[0] < 0 for ax in fig.axes)
+
+
+def test_the_timing_line_claims_no_grading_rate_when_nothing_was_graded():
+    from rlvr.eval_report import format_summary_table
+
+    line = {"samples": 48, "wall_s": 60.0, "gen_tokens_per_s": 100.0, "grade_wait_s": 0.0,
+            "grade_timeouts": 0, "grade_s": 0.0003}
+    text = format_summary_table({"results": {}, "timing": {"m": {"d": {
+        **line, "graded": 0, "graded_samples_per_s": None}}}})
+    assert "nothing graded (no sample has a \\boxed{} answer)" in text
+    assert "samples/s" not in text
+
+
+def test_grading_rate_counts_only_the_samples_math_verify_graded(tmp_path):
+    from rlvr.eval_report import TIMING, _timing
+
+    seg = {"model": "m", "dataset": "d", "problems": 6, "samples": 12, "tokens": 48,
+           "gen_s": 2.0, "grade_s": 0.5, "grade_wait_s": 0.0, "wall_s": 3.0,
+           "grade_timeouts": 0}
+    (tmp_path / TIMING).write_text(json.dumps({**seg, "graded": 0}) + "\n"
+                                   + json.dumps({**seg, "graded": 4}) + "\n")
+    t = _timing(tmp_path)["m"]["d"]
+    assert (t["graded"], t["samples"], t["graded_samples_per_s"]) == (4, 24, 4 / 1.0)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 
