@@ -67,13 +67,14 @@ def check_model_source(model_id: str) -> None:
     if _looks_local(model_id):
         path = Path(model_id).expanduser()
         if not path.exists():
-            raise ModelSourceError(f"model path {model_id} does not exist")
+            raise ModelSourceError(f"model path {model_id} does not exist; pass an existing "
+                                   "model directory, a .gguf file or a hub id (org/name)")
         if model_id.endswith(".gguf"):
             if not path.is_file():
-                raise ModelSourceError(f"{model_id} is not a .gguf file")
+                raise ModelSourceError(f"{model_id} is not a .gguf file; pass the file itself")
         elif not (path / "config.json").is_file():
-            raise ModelSourceError(f"{model_id} is not a Hugging Face model directory "
-                                   "(no config.json)")
+            raise ModelSourceError(f"{model_id} is not a Hugging Face model directory (no "
+                                   "config.json); pass the directory that holds config.json")
         return
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -83,7 +84,7 @@ def check_model_source(model_id: str) -> None:
             return  # cached: loads offline
     except HFValidationError:
         raise ModelSourceError(f"{model_id} is neither an existing path nor a valid hub id "
-                               "(org/name)") from None
+                               "(org/name); check its spelling") from None
     if _hub_offline():
         raise ModelSourceError(f"{model_id} is not in the local Hugging Face cache and "
                                f"HF_HUB_OFFLINE is set: unset it, {_LOCAL_HINT}")
@@ -94,7 +95,7 @@ def check_model_source(model_id: str) -> None:
                                f"to it, {_LOCAL_HINT}")
     if status == 404:
         raise ModelSourceError(f"{model_id}: no such local path, and no such model on the hub "
-                               f"({constants.ENDPOINT})")
+                               f"({constants.ENDPOINT}); check its spelling")
     if status in (401, 403):
         raise ModelSourceError(f"the hub refuses {model_id} ({status}): not found, or private "
                                "or gated (log in with `hf auth login` or set HF_TOKEN)")

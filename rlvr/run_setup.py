@@ -170,27 +170,34 @@ def saved_optimizer(cfg: Config) -> str | None:
     return (json.loads(path.read_text()).get("memory_plan") or {}).get("optim")
 
 
-def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
-    """The memory plan for this run on this card (or on --gpu_memory_gb), or a one-line exit."""
+def plan_for(cfg: Config, eval_problems: int) -> MemoryPlan:
+    """The memory plan for this run on this card (or on --gpu_memory_gb); PlanError with the
+    one-line reason (cause; fix) when there is none."""
     budget = cfg.gpu_memory_gb or card_gib()
     if budget is None:
-        fail("no CUDA GPU here to plan for; pass --gpu_memory_gb (the card's memory in GiB)")
+        raise PlanError("no CUDA GPU here to plan for; pass --gpu_memory_gb (the card's memory "
+                        "in GiB)")
     try:
         model_cfg, _ = read_model_config(cfg.model_id)
         shape = model_shape_from_config(model_cfg)
-    except PlanError as e:
-        fail(str(e))
+    except PlanError:
+        raise
     except Exception as e:
-        fail(f"cannot read the config.json of --model_id {cfg.model_id}: "
-             f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+        raise PlanError(f"cannot read the config.json of --model_id {cfg.model_id}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
     forced = {"true": True, "false": False}
+    return plan_memory(
+        shape, workload(cfg, eval_problems), budget, optim=saved_optimizer(cfg) or cfg.optim,
+        gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
+        sleep=forced.get(str(cfg.vllm_sleep).lower(), "auto"),
+        micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util,
+        host_gib=cfg.host_memory_gb or host_ram_gib())
+
+
+def make_plan(cfg: Config, eval_problems: int) -> MemoryPlan:
+    """`plan_for`, or its reason as a one-line refusal (exit status 2)."""
     try:
-        return plan_memory(
-            shape, workload(cfg, eval_problems), budget, optim=saved_optimizer(cfg) or cfg.optim,
-            gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
-            sleep=forced.get(str(cfg.vllm_sleep).lower(), "auto"),
-            micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util,
-            host_gib=cfg.host_memory_gb or host_ram_gib())
+        return plan_for(cfg, eval_problems)
     except PlanError as e:
         fail(str(e))
 
