@@ -28,7 +28,7 @@ from rlvr.subset import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="data_prep.py", description=__doc__.split("\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
         "--source",

@@ -64,8 +64,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def build_parser() -> argparse.ArgumentParser:
     head, example, protocol = __doc__.split("\n\n", 2)
-    p = ArgumentParser(description=f"{head}\n\n{protocol}", epilog=f"example:\n{example}",
-                       formatter_class=_Formatter)
+    p = ArgumentParser(prog="evaluate.py", description=f"{head}\n\n{protocol}",
+                       epilog=f"example:\n{example}", formatter_class=_Formatter)
     p.add_argument("--model_id", nargs="+", required=True, metavar="MODEL",
                    help="hub id, local HF directory, .gguf file, a MATH_experiment.py run "
                         "directory (its final_model/, or --checkpoint) or <run>/checkpoints/step_N")
@@ -115,7 +115,9 @@ def check_flags(a: argparse.Namespace) -> None:
         (a.grade_timeout_s > 0, "--grade_timeout_s must be > 0"),
         (a.chunk_samples is None or a.chunk_samples >= 1, "--chunk_samples must be >= 1"),
         (a.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
-        (a.temperature > 0 or a.n == 1, "--temperature 0 is greedy: use it with --n 1"),
+        (a.temperature > 0 or a.n == 1,
+         f"--temperature 0 is greedy, one sample per problem, but --n is {a.n}; pass --n 1, or "
+         "a --temperature > 0"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -51,7 +51,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], bool]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ReportError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+                raise ReportError(f"{path}:{i}: malformed JSON ({e.msg}); delete that line (its "
+                                  "problem is redone on the next run)") from None
     return records, torn
 
 
@@ -89,10 +90,11 @@ def merge_config(out: Path, new: dict) -> dict:
     """The configuration of `out` after this run: protocol, datasets and models must agree with
     what is already there (datasets and models may be added)."""
     if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} exists and is not a directory")
+        raise ReportError(f"--out {out} exists and is not a directory; pass another --out")
     if not (out / CONFIG).is_file():
         if out.is_dir() and any(out.iterdir()):
-            raise ReportError(f"--out {out} exists and is not an evaluate.py output directory")
+            raise ReportError(f"--out {out} exists and is not an evaluate.py output directory; "
+                              "pass a new or empty --out")
         return new
     old = json.loads((out / CONFIG).read_text())
     diffs = [f"--{k} {old['protocol'].get(k)!r} -> {v!r}" for k, v in new["protocol"].items()
@@ -281,7 +283,8 @@ def read_eval_dir(d: Path) -> dict:
     """The summary of one evaluate.py output directory, recomputed from its samples."""
     d = Path(d)
     if not (d / CONFIG).is_file():
-        raise ReportError(f"'{d}' is not an evaluate.py output directory (no {CONFIG})")
+        raise ReportError(f"'{d}' is not an evaluate.py output directory (no {CONFIG}); pass "
+                          "--evals the --out directories of evaluate.py")
     return build_summary(d, json.loads((d / CONFIG).read_text()))
 
 

@@ -53,7 +53,7 @@ def _run_spec(model_id: str, run: Path, checkpoint: str | None) -> dict:
     ckpt = run / "checkpoints" / checkpoint
     if not ckpt.is_dir():
         raise EvalError(f"run {model_id} has no checkpoints/{checkpoint} "
-                        f"(available: {_checkpoints(run)})")
+                        f"(available: {_checkpoints(run)}); pass --checkpoint one of those")
     return {"kind": "checkpoint", "path": str(ckpt.resolve()), "run_dir": str(run.resolve()),
             "label": f"{run.name}/{checkpoint}"}
 
@@ -67,7 +67,8 @@ def resolve_model(model_id: str, checkpoint: str | None) -> dict:
         spec = {"kind": "gguf", "path": str(p.resolve()), "label": p.stem}
     elif p.is_dir() and p.parent.name == "checkpoints" and (p.parents[1] / "config.json").is_file():
         if checkpoint is not None:
-            raise EvalError(f"--checkpoint applies to run directories, not to {model_id}")
+            raise EvalError(f"--checkpoint applies to run directories, not to {model_id}; leave "
+                            "--checkpoint out")
         spec = _run_spec(model_id, p.parent.parent, p.name)
     elif p.is_dir() and (p / "config.json").is_file() and (
             (p / "final_model").is_dir() or (p / "checkpoints").is_dir()):
@@ -78,15 +79,16 @@ def resolve_model(model_id: str, checkpoint: str | None) -> dict:
         spec = {"kind": "hf_dir", "path": str(p.resolve()), "label": label}
     elif p.exists():
         raise EvalError(f"--model_id {model_id} is neither a model directory (config.json), a "
-                        ".gguf file, nor a training run directory")
+                        ".gguf file, nor a training run directory; pass one of those")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) and not model_id.startswith(".") \
             and not Path(p.parts[0]).is_dir():  # runs/typo is a missing path, not a hub id
         spec = {"kind": "hub", "path": None, "label": model_id}
     else:
-        raise EvalError(f"--model_id {model_id} not found (not a local path; a hub id is "
-                        "owner/name)")
+        raise EvalError(f"--model_id {model_id} not found (not a local path, and a hub id is "
+                        "owner/name); check the path or the id")
     if checkpoint is not None and spec["kind"] != "checkpoint":
-        raise EvalError(f"--checkpoint applies to run directories, not to {model_id}")
+        raise EvalError(f"--checkpoint applies to run directories, not to {model_id}; leave "
+                        "--checkpoint out, or pass --model_id the run directory")
     spec["model_id"] = model_id
     spec["fingerprint"] = _fingerprint(Path(spec["path"])) if spec["path"] else ""
     return spec
@@ -103,7 +105,8 @@ def check_model_loads(spec: dict) -> None:
         load_tokenizer(spec["path"] or spec["model_id"])
     except (OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalError(f"cannot load --model_id {spec['model_id']}: {msg}") from None
+        raise EvalError(f"cannot load --model_id {spec['model_id']}: {msg}; check the id or the "
+                        "path") from None
 
 
 def _cache_root() -> Path:
@@ -182,7 +185,8 @@ def open_engine(backend: str, model_dir: str, tokenizer, *, max_model_len: int, 
         backend = "vllm" if vllm_available() else "hf"
     if backend == "vllm":
         if not vllm_available():
-            raise EvalError("--backend vllm needs a CUDA GPU and the vllm package")
+            raise EvalError("--backend vllm needs a CUDA GPU and the vllm package; use --backend "
+                            "hf (or auto) on this machine")
         from rlvr.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_dir, tokenizer, eos, max_model_len=max_model_len, seed=seed,

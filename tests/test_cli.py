@@ -3,6 +3,8 @@ what an interrupted run says, and what git keeps out of the repository."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import shutil
 import subprocess
 
@@ -65,3 +67,24 @@ def test_evaluation_outputs_are_not_tracked_by_git():
                  "data/math_subset/train.jsonl"):
         proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
         assert proc.returncode == 0, f"{path} is not ignored by .gitignore"
+
+
+@functools.cache
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py") + "_cli", REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, fragment", [
+    ("evaluate.py", ["--model_id", "m", "--n", "many"], "argument --n: invalid int value"),
+    ("evaluate.py", ["--datasets", "math"], "the following arguments are required: --model_id"),
+    ("data_prep.py", ["--splits", "dev"], "argument --splits: invalid choice: 'dev'"),
+])
+def test_every_parser_refuses_in_one_line_without_the_usage(script, argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        _script(script).build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
+    assert err.startswith(f"error: {fragment}") and f"(see {script} --help)" in err

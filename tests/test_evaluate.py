@@ -446,7 +446,8 @@ BAD = {
     "top_p > 1": (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
     "max_tokens": (["--max_tokens", "0"], "--max_tokens must be >= 1"),
     "limit": (["--limit", "0"], "--limit must be >= 1"),
-    "greedy n": (["--temperature", "0"], "use it with --n 1"),
+    "greedy n": (["--temperature", "0"], "--temperature 0 is greedy, one sample per problem, "
+                 "but --n is 256; pass --n 1"),
 }
 
 
