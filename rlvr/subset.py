@@ -114,7 +114,12 @@ def build_default_subset(data_dir: str) -> bool:
         raise DataError(f"no MATH subset at {data_dir}, and it cannot be built from the hub "
                         f"({e}); build it from a local copy of MATH with `python data_prep.py "
                         f"--source /path/to/MATH{flags}`") from None
-    write_atomically(Path(data_dir), {**files, "manifest.json": manifest_bytes(manifest)})
+    try:
+        write_atomically(Path(data_dir), {**files, "manifest.json": manifest_bytes(manifest)})
+    except OSError as e:
+        raise DataError(f"cannot write the MATH subset to {data_dir}: {e.strerror or e}; run "
+                        "from a writable directory, or pass --data_dir one data_prep.py "
+                        "wrote") from None
     counts = ", ".join(f"{s} {c['total']['after']}" for s, c in manifest["counts"].items())
     print(f"[data] wrote {data_dir} ({counts} problems)", flush=True)
     return True
