@@ -64,7 +64,7 @@ def test_evaluation_outputs_are_not_tracked_by_git():
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     for path in ("evals/Qwen2.5-0.5B-Instruct/samples.jsonl", "runs/x/metrics.jsonl",
-                 "data/math_subset/train.jsonl"):
+                 "data/math_subset/train.jsonl", "results/quickstart/results.md"):
         proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
         assert proc.returncode == 0, f"{path} is not ignored by .gitignore"
 
