@@ -2,7 +2,8 @@
 
   python evaluate.py --model_id Qwen/Qwen2.5-0.5B-Instruct runs/<run> --datasets math500 amc23
 
-Protocol (Zhu et al., 2025, their eval.py): vLLM in bf16, n = 256 samples per problem at
+Protocol (Zhu et al., 2025, their eval.sh and eval.py): the test sets of MATH (all 5,000
+problems), AIME 2025 and AMC 2023; vLLM in bf16, n = 256 samples per problem at
 temperature 0.6, top-p 0.95, top-k off, up to 4,096 new tokens, the prompt "{problem}\\nPlease
 reason step by step, and put your final answer within \\boxed{}." under the chat template with the
 system message "You are a helpful assistant."; pass@k for k = 1, 2, 4, ..., n with the unbiased
@@ -21,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+from rlvr.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser, unwritable_reason
 from rlvr.data import DataError
 from rlvr.eval_report import (
     FIGURE,
@@ -38,9 +40,18 @@ from rlvr.eval_report import (
     write_config,
     write_summary,
 )
-from rlvr.eval_run import EvalError, evaluate_model, evaluate_model_in_child
 from rlvr.eval_sets import EVAL_SETS, load_eval_set, select_subset
+from rlvr.eval_worker import (
+    EvalError,
+    check_model_loads,
+    evaluate_model,
+    evaluate_model_in_child,
+    resolve_model,
+)
 from rlvr.prompts import PROMPT_STYLES
+
+# The paper's evaluation sets (its eval.sh: TianHongZXY/MATH, AIME2025 and amc23, [test] each).
+PAPER_DATASETS = ("math", "aime2025", "amc23")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -53,16 +64,17 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def build_parser() -> argparse.ArgumentParser:
     head, example, protocol = __doc__.split("\n\n", 2)
-    p = argparse.ArgumentParser(description=f"{head}\n\n{protocol}",
-                                epilog=f"example:\n{example}", formatter_class=_Formatter)
+    p = ArgumentParser(prog="evaluate.py", description=f"{head}\n\n{protocol}",
+                       epilog=f"example:\n{example}", formatter_class=_Formatter)
     p.add_argument("--model_id", nargs="+", required=True, metavar="MODEL",
                    help="hub id, local HF directory, .gguf file, a MATH_experiment.py run "
                         "directory (its final_model/, or --checkpoint) or <run>/checkpoints/step_N")
     p.add_argument("--checkpoint", default=None,
                    help="for run directories: evaluate checkpoints/<this> (e.g. step_40)")
-    p.add_argument("--datasets", nargs="+", default=["math500", "aime2025", "amc23"],
-                   metavar="NAME", help=f"any of {', '.join(EVAL_SETS)} (the paper's own sets: "
-                                        "math aime2025 amc23)")
+    p.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS), metavar="NAME",
+                   help=f"any of {', '.join(EVAL_SETS)}; the default is the paper's three sets "
+                        "(math = the full 5,000-problem MATH test split); math500 is the "
+                        "500-problem subset most small-model papers report, 10x cheaper")
     p.add_argument("--n", type=int, default=256, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (needs --n 1)")
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling (top-k is off)")
@@ -103,96 +115,20 @@ def check_flags(a: argparse.Namespace) -> None:
         (a.grade_timeout_s > 0, "--grade_timeout_s must be > 0"),
         (a.chunk_samples is None or a.chunk_samples >= 1, "--chunk_samples must be >= 1"),
         (a.max_num_seqs >= 1, "--max_num_seqs must be >= 1"),
-        (a.temperature > 0 or a.n == 1, "--temperature 0 is greedy: use it with --n 1"),
+        (a.temperature > 0 or a.n == 1,
+         f"--temperature 0 is greedy, one sample per problem, but --n is {a.n}; pass --n 1, or "
+         "a --temperature > 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise EvalError(msg)
     unknown = [d for d in a.datasets if d not in EVAL_SETS]
     if unknown:
-        raise EvalError(f"unknown dataset {unknown[0]!r}: expected any of {', '.join(EVAL_SETS)}")
+        raise EvalError(f"unknown dataset {unknown[0]!r}; pass --datasets from "
+                        f"{', '.join(EVAL_SETS)}")
     if a.data_root is not None and not Path(a.data_root).is_dir():
-        raise EvalError(f"--data_root {a.data_root} is not a directory")
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def _fingerprint(path: Path) -> str:
-    """Names, sizes and mtimes of a model's files: a re-trained model is a different model."""
-    import hashlib
-
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
-
-
-def _checkpoints(run: Path) -> str:
-    found = sorted(p.name for p in (run / "checkpoints").glob("step_*") if p.is_dir())
-    return ", ".join(found) or "none"
-
-
-def _run_spec(model_id: str, run: Path, checkpoint: str | None) -> dict:
-    if checkpoint is None:
-        final = run / "final_model"
-        if not (final / "config.json").is_file():
-            raise EvalError(f"run {model_id} has no final_model/ (still training?); pass "
-                            f"--checkpoint (available: {_checkpoints(run)})")
-        return {"kind": "hf_dir", "path": str(final.resolve()), "label": f"{run.name}/final"}
-    ckpt = run / "checkpoints" / checkpoint
-    if not ckpt.is_dir():
-        raise EvalError(f"run {model_id} has no checkpoints/{checkpoint} "
-                        f"(available: {_checkpoints(run)})")
-    return {"kind": "checkpoint", "path": str(ckpt.resolve()), "run_dir": str(run.resolve()),
-            "label": f"{run.name}/{checkpoint}"}
-
-
-def resolve_model(model_id: str, checkpoint: str | None) -> dict:
-    """What --model_id names, checked on disk without loading anything: a spec with kind
-    (hub, hf_dir, gguf, checkpoint), path, label (the model's name in every output)."""
-    p = Path(model_id).expanduser()
-    spec: dict
-    if p.is_file() and p.suffix == ".gguf":
-        spec = {"kind": "gguf", "path": str(p.resolve()), "label": p.stem}
-    elif p.is_dir() and p.parent.name == "checkpoints" and (p.parents[1] / "config.json").is_file():
-        if checkpoint is not None:
-            raise EvalError(f"--checkpoint applies to run directories, not to {model_id}")
-        spec = _run_spec(model_id, p.parent.parent, p.name)
-    elif p.is_dir() and (p / "config.json").is_file() and (
-            (p / "final_model").is_dir() or (p / "checkpoints").is_dir()):
-        spec = _run_spec(model_id, p, checkpoint)
-    elif p.is_dir() and (p / "config.json").is_file():
-        run = p.resolve().parent  # <run>/final_model is named after its run
-        label = f"{run.name}/final" if p.resolve().name == "final_model" else p.resolve().name
-        spec = {"kind": "hf_dir", "path": str(p.resolve()), "label": label}
-    elif p.exists():
-        raise EvalError(f"--model_id {model_id} is neither a model directory (config.json), a "
-                        ".gguf file, nor a training run directory")
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) and not model_id.startswith(".") \
-            and not Path(p.parts[0]).is_dir():  # runs/typo is a missing path, not a hub id
-        spec = {"kind": "hub", "path": None, "label": model_id}
-    else:
-        raise EvalError(f"--model_id {model_id} not found (not a local path; a hub id is "
-                        "owner/name)")
-    if checkpoint is not None and spec["kind"] != "checkpoint":
-        raise EvalError(f"--checkpoint applies to run directories, not to {model_id}")
-    spec["model_id"] = model_id
-    spec["fingerprint"] = _fingerprint(Path(spec["path"])) if spec["path"] else ""
-    return spec
-
-
-def check_model_loads(spec: dict) -> None:
-    """Load the tokenizer of a hub id or HF directory now, so that a typo fails before any
-    output is written (checkpoints and .gguf files are checked on disk above)."""
-    if spec["kind"] not in ("hub", "hf_dir"):
-        return
-    from rlvr.modeling import load_tokenizer
-
-    try:
-        load_tokenizer(spec["path"] or spec["model_id"])
-    except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalError(f"cannot load --model_id {spec['model_id']}: {msg}") from None
+        raise EvalError(f"--data_root {a.data_root} is not a directory; pass the directory "
+                        "that holds MATH500/, AIME2025/ ... (or leave it out to read the hub)")
 
 
 # ----------------------------------------------------------------------------- output dir
@@ -246,10 +182,13 @@ def run(a: argparse.Namespace) -> int:
     specs = [resolve_model(m, a.checkpoint) for m in dict.fromkeys(a.model_id)]
     labels = [s["label"] for s in specs]
     if len(set(labels)) != len(labels):
-        raise EvalError(f"two --model_id share the name {max(labels, key=labels.count)!r}")
+        raise EvalError(f"two --model_id share the name {max(labels, key=labels.count)!r}; "
+                        "evaluate them into separate --out directories")
+    out = Path(a.out) if a.out else default_out(specs)
+    if (why := unwritable_reason(out)) is not None:
+        raise EvalError(f"cannot write the output directory {out}: {why}; pass another --out")
     sets = {d: select_subset(load_eval_set(d, a.data_root), a.limit, a.seed)
             for d in dict.fromkeys(a.datasets)}
-    out = Path(a.out) if a.out else default_out(specs)
     config = merge_config(out, new_config(a, specs, sets))
     records, dropped = repair_samples(out / SAMPLES, a.n, dry_run=True)  # nothing written yet
     done = done_problems(records)
@@ -298,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except (EvalError, DataError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
+        print("interrupted: re-run the same command to continue; finished problems are kept",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

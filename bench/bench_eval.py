@@ -36,15 +36,11 @@ import torch  # noqa: E402
 
 from bench.models import build_random_qwen, math_texts  # noqa: E402
 from rlvr.eval_report import append_jsonl  # noqa: E402
-from rlvr.eval_run import (  # noqa: E402
-    DEFAULT_CHUNK_SAMPLES,
-    default_grader_workers,
-    encode_problems,
-    engine_eos_ids,
-    run_eval,
-)
+from rlvr.eval_run import DEFAULT_CHUNK_SAMPLES, problems_from_rows, run_eval  # noqa: E402
 from rlvr.eval_sets import load_eval_set  # noqa: E402
+from rlvr.eval_worker import default_grader_workers, engine_eos_ids  # noqa: E402
 from rlvr.modeling import load_tokenizer  # noqa: E402
+from rlvr.prompts import encode_problems  # noqa: E402
 from rlvr.reward import BatchGrader  # noqa: E402
 
 FULL_N, FULL_TOKENS, MATH500_PROBLEMS = 256, 4096, 500  # the paper's protocol on MATH-500
@@ -231,7 +227,8 @@ def main() -> None:
     model_dir = str(build_random_qwen(args.shape, Path(args.model_root) / args.shape, texts))
     r["build_s"] = time.perf_counter() - t0
     tok = load_tokenizer(model_dir)
-    problems = encode_problems(rows[:args.limit] if args.limit else rows, tok, "paper")
+    enc = encode_problems(rows[:args.limit] if args.limit else rows, tok, "paper")
+    problems = problems_from_rows(enc.rows, enc.prompt_ids)
     longest = max(len(p.prompt_ids) for p in problems)
     t0 = time.perf_counter()
     engine = VLLMEngine(model_dir, tok, engine_eos_ids(model_dir, tok), seed=0, max_num_seqs=512,

@@ -38,7 +38,8 @@ from rlvr.config import parse_config  # noqa: E402
 from rlvr.data import load_subset  # noqa: E402
 from rlvr.fsdp import full_tensors  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
-from rlvr.run_setup import encode_problems, load_models, resolve_memory  # noqa: E402
+from rlvr.prompts import encode_problems  # noqa: E402
+from rlvr.run_setup import load_models, resolve_memory  # noqa: E402
 from rlvr.training import UpdateBatch, UpdateSettings, policy_update  # noqa: E402
 
 N_PROMPTS, N_SAMPLES, GEN_LEN = 32, 2, 512
@@ -176,7 +177,8 @@ def main() -> None:
     r: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(),
                "date": time.strftime("%Y-%m-%d"), "init_s": time.perf_counter() - t0,
                "plan": mem.plan, "peak_bf16_tflops": measured_bf16_peak_tflops()}
-    train = encode_problems(load_subset(args.data_dir, "train"), tok, cfg)
+    train = encode_problems(load_subset(args.data_dir, "train"), tok, cfg.prompt_style,
+                            cfg.max_prompt_tokens)
     prompts = train.prompt_ids[:N_PROMPTS]
     r["prompt_len_mean"] = sum(map(len, prompts)) / len(prompts)
     r.update(bench_rollout(engine, prompts, args.reps))

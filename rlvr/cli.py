@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import NoReturn
 
 EXIT_REFUSED = 2
@@ -30,3 +32,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why a directory cannot be made or written at `path` (it, or the nearest part of it that
+    exists, is a file or refuses a new file), or None when it can; writes nothing that stays."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # a permission or a read-only file system
+    except OSError as e:
+        return f"{existing} is not writable ({e.strerror or e})"
+    return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlvr.choices import LOSS_AGGREGATIONS, OBJECTIVES, OPTIM_CHOICES, ROLLOUT_IS_MODES
-from rlvr.cli import fail
+from rlvr.cli import ArgumentParser, fail
 from rlvr.prompts import PROMPT_STYLES
 
 
@@ -89,8 +89,8 @@ class Config:
     gpu_mem_util: float | None = _opt(None, "expert override: share of the card for vLLM's weights "
                                             "+ KV cache, instead of the plan's KV size")
     compile: bool = _opt(False, "torch.compile the decoder layers and the LM-head loss (GPU only): "
-                                "the 0.5B update takes 0.83 s instead of 1.31 (H100) but "
-                                "compiling costs ~60 s at start, so it pays after ~130 steps")
+                                "faster updates after a compile at start, so it pays on long runs "
+                                "(docs/PERFORMANCE.md)")
     dry_run: bool = _opt(False, "print the memory plan and exit (reads only the model's "
                                 "config.json)")
     # --- several GPUs (torchrun; see README "Several GPUs and nodes")
@@ -111,7 +111,7 @@ class Config:
     # --- evaluation
     eval_every: int = _opt(10, "evaluate every N steps (also at step 0 and after the last step)")
     eval_n: int = _opt(4, "samples per eval problem (pass@k for k = 1, 2, 4, ... <= n)")
-    eval_temperature: float = _opt(1.0, "eval sampling temperature; 0 = greedy with n = 1")
+    eval_temperature: float = _opt(1.0, "eval sampling temperature; 0 = greedy (needs --eval_n 1)")
     eval_top_p: float = _opt(1.0, "eval nucleus sampling top-p")
     eval_limit: int | None = _opt(None, "evaluate on a stratified seeded sample of this many test "
                                         "problems (default: the whole test subset)")
@@ -188,6 +188,9 @@ class Config:
             (self.objective != "GRPO" or self.rollouts_per_prompt >= 2,
              "GRPO needs --rollouts_per_prompt >= 2"),
             (self.eval_temperature >= 0, "--eval_temperature must be >= 0"),
+            (self.eval_temperature > 0 or self.eval_n == 1,
+             f"--eval_temperature 0 is greedy, one sample per problem, but --eval_n is "
+             f"{self.eval_n}; pass --eval_n 1, or an --eval_temperature > 0"),
             (0 < self.eval_top_p <= 1, "--eval_top_p must be in (0, 1]"),
             (all(0 <= b < 1 for b in self.adam_betas), "--adam_betas must be in [0, 1)"),
             (self.rollout_is_cap > 1, "--rollout_is_cap must be > 1"),
@@ -265,6 +268,7 @@ PRESETS: dict[str, dict] = {
         "data_dir": "data/math_full",  # python data_prep.py --fraction 1.0 --output_dir ...
         "eval_every": 7,              # test_freq 7 (once an epoch)
         "eval_temperature": 0.0,      # its in-loop validation is greedy
+        "eval_n": 1,                  # (so one sample per problem)
         "eval_max_tokens": 3072,
     },
 }
@@ -294,7 +298,7 @@ def _help_text(f: dataclasses.Field) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags only: nothing is filled in unless given, so presets and resumes can tell."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="MATH_experiment.py",
         description="RL fine-tuning on MATH with NSR / PSR / W-REINFORCE (Zhu et al., 2025).",
         argument_default=argparse.SUPPRESS,

@@ -32,6 +32,9 @@ QUIET_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     # vLLM's INFO lines (config dumps, load and compile progress, cache sizes)
     "VLLM_LOGGING_LEVEL": "WARNING",
+    # bars drawn with plain tqdm, which no library switch reaches (transformers' "Converting and
+    # de-quantizing GGUF tensors"): tqdm reads its defaults from TQDM_* variables
+    "TQDM_DISABLE": "1",
 }
 
 # Loggers with no environment switch that print known-harmless warnings at import time.

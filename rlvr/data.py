@@ -83,10 +83,12 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+                raise DataError(f"{where}: malformed JSON ({e.msg}); fix or remove that "
+                                "line") from None
             rows.append(_normalise(raw, where))
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows; pass --source a directory whose {path.name} holds "
+                        "the problems")
     return rows
 
 
@@ -94,7 +96,8 @@ def _read_release(split_dir: Path, split: str) -> list[dict]:
     """Original release layout: <split>/<subject_dir>/<n>.json, one problem per file."""
     files = [p for p in split_dir.glob("*/*.json") if p.is_file()]
     if not files:
-        raise DataError(f"{split_dir}: no <subject>/<n>.json files")
+        raise DataError(f"{split_dir}: no <subject>/<n>.json files; pass --source the MATH "
+                        "release directory (it holds train/ and test/)")
     # Numeric order within a subject directory so 2.json precedes 10.json.
     files.sort(key=lambda p: (p.parent.name, int(p.stem) if p.stem.isdigit() else -1, p.stem))
     rows = []
@@ -102,7 +105,8 @@ def _read_release(split_dir: Path, split: str) -> list[dict]:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: malformed JSON ({e.msg}, line {e.lineno})") from None
+            raise DataError(f"{path}: malformed JSON ({e.msg}, line {e.lineno}); fix or remove "
+                            "that file") from None
         row = _normalise(raw, str(path))
         row.setdefault("unique_id", f"{split}/{path.parent.name}/{path.name}")
         rows.append(row)
@@ -123,7 +127,8 @@ def _load_hub(split: str) -> list[dict]:
             ds = datasets.load_dataset(HUB_DATASET, config, split=split)
         except Exception as e:  # network, auth, missing config: all end the run the same way
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"cannot load {HUB_DATASET}/{config} [{split}]: {msg}") from None
+            raise DataError(f"cannot load {HUB_DATASET}/{config} [{split}]: {msg}; connect to "
+                            "the hub, or pass --source a local copy of MATH") from None
         rows.extend(_normalise(raw, f"{HUB_DATASET}/{config}[{split}]") for raw in ds)
     return rows
 
@@ -142,26 +147,38 @@ def load_math(source: str | None, split: str) -> list[dict]:
         return _load_hub(split)
     root = Path(source)
     if not root.exists():
-        raise DataError(f"source not found: {source}")
+        raise DataError(f"source not found: {source}; pass --source an existing MATH directory "
+                        "(or leave it out to read the hub)")
     if not root.is_dir():
-        raise DataError(f"source must be a directory: {source}")
+        raise DataError(f"source must be a directory: {source}; pass the directory that holds "
+                        "train.jsonl and test.jsonl (or train/ and test/)")
     if (root / f"{split}.jsonl").is_file():
         return _read_jsonl(root / f"{split}.jsonl")
     if (root / split).is_dir():
         return _read_release(root / split, split)
     raise DataError(
-        f"no {split} data in {source}: expected {split}.jsonl or {split}/<subject>/<n>.json"
+        f"no {split} data in {source}: expected {split}.jsonl or {split}/<subject>/<n>.json; "
+        "pass --source the directory that holds them"
     )
 
 
 def load_subset(data_dir: str, split: str) -> list[dict]:
-    """Rows written by data_prep.py (with `answer`), for the training and evaluation scripts."""
-    path = Path(data_dir) / f"{split}.jsonl"
+    """Rows written by data_prep.py (with `answer`), for the training and evaluation scripts;
+    DataError naming the fix when the directory is not one data_prep.py wrote, or the split is
+    empty."""
+    root, path = Path(data_dir), Path(data_dir) / f"{split}.jsonl"
+    if root.is_file():
+        raise DataError(f"--data_dir {data_dir} is a file; pass the directory data_prep.py "
+                        "wrote (it holds train.jsonl and test.jsonl)")
     if not path.is_file():
-        raise DataError(
-            f"no MATH subset at {path}: run `python data_prep.py` first (or pass --data_dir)"
-        )
-    return read_json_lines(path)
+        raise DataError(f"no MATH subset at {path}; build it with `python data_prep.py "
+                        f"--output_dir {data_dir}`, or pass --data_dir the directory "
+                        "data_prep.py wrote")
+    rows = read_json_lines(path)
+    if not rows:
+        raise DataError(f"{path} holds no problems; rebuild it with `python data_prep.py "
+                        f"--output_dir {data_dir}` and a larger --fraction")
+    return rows
 
 
 def read_json_lines(path: Path) -> list[dict]:
@@ -174,7 +191,8 @@ def read_json_lines(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix that line, or "
+                                    "rebuild the file") from None
     return rows
 
 

@@ -51,7 +51,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], bool]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ReportError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+                raise ReportError(f"{path}:{i}: malformed JSON ({e.msg}); delete that line (its "
+                                  "problem is redone on the next run)") from None
     return records, torn
 
 
@@ -89,10 +90,11 @@ def merge_config(out: Path, new: dict) -> dict:
     """The configuration of `out` after this run: protocol, datasets and models must agree with
     what is already there (datasets and models may be added)."""
     if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} exists and is not a directory")
+        raise ReportError(f"--out {out} exists and is not a directory; pass another --out")
     if not (out / CONFIG).is_file():
         if out.is_dir() and any(out.iterdir()):
-            raise ReportError(f"--out {out} exists and is not an evaluate.py output directory")
+            raise ReportError(f"--out {out} exists and is not an evaluate.py output directory; "
+                              "pass a new or empty --out")
         return new
     old = json.loads((out / CONFIG).read_text())
     diffs = [f"--{k} {old['protocol'].get(k)!r} -> {v!r}" for k, v in new["protocol"].items()
@@ -130,14 +132,18 @@ def _timing(out: Path) -> dict:
         for key in ("problems", "samples", "tokens", "gen_s", "grade_s", "grade_wait_s",
                     "wall_s", "grade_timeouts"):
             a[key] = a.get(key, 0) + t.get(key, 0)
+        # samples with a \boxed{} answer, the only ones math-verify sees (None: not recorded)
+        a["graded"] = (a.get("graded", 0) + t["graded"]
+                       if "graded" in t and a.get("graded", 0) is not None else None)
         a["segments"] = a.get("segments", 0) + 1
     for per in agg.values():
         for a in per.values():
             a["gen_tokens_per_s"] = a["tokens"] / a["gen_s"] if a["gen_s"] else None
             a["samples_per_s"] = a["samples"] / a["wall_s"] if a["wall_s"] else None
-            # grading's own rate (busy time of the grader); generation never waits on it
-            # unless grade_wait_s says so
-            a["graded_samples_per_s"] = a["samples"] / a["grade_s"] if a["grade_s"] else None
+            # grading's own rate (busy time of the grader) over the samples it graded;
+            # generation never waits on it unless grade_wait_s says so
+            a["graded_samples_per_s"] = (a["graded"] / a["grade_s"]
+                                         if a["graded"] and a["grade_s"] else None)
     return agg
 
 
@@ -181,15 +187,15 @@ def _rows(summary: dict, dataset: str) -> tuple[list[str], list[list[str]]]:
     """Header and one row per model of one dataset: pass@k ± SE for every k, then rates."""
     models = [m for m in summary["results"] if dataset in summary["results"][m]]
     ks = sorted({k for m in models for k in _ks(summary["results"][m][dataset])})
-    header = ["model", "problems"] + [f"pass@{k}" for k in ks] + ["no box", "truncated",
-                                                                  "mean tokens"]
+    header = ["model", "problems × samples"] + [f"pass@{k}" for k in ks] + [
+        "no box", "truncated", "mean tokens"]
     rows = []
     for m in models:
         r = summary["results"][m][dataset]
         st = summary.get("status", {}).get(m, {}).get(dataset)
-        probs = str(int(r["n_problems"]))
+        probs = f"{int(r['n_problems'])} × {int(r['n_samples_per_problem'])}"
         if st and st["problems_done"] < st["problems_total"]:
-            probs += f" of {st['problems_total']} (partial)"
+            probs += f" (partial: {st['problems_done']} of {st['problems_total']} problems)"
         rows.append([m, probs] + [_pct(r.get(f"pass@{k}"), r.get(f"pass@{k}_se")) for k in ks]
                     + [_pct(r["no_box_frac"]), _pct(r["truncated_frac"]),
                        f"{r['response_len']:.0f}"])
@@ -214,13 +220,21 @@ def format_summary_table(summary: dict) -> str:
         lines.insert(1, "  ".join("-" * w for w in widths))
         blocks.append(f"{d} (pass rates in %, ± 1 SE over problems)\n" + "\n".join(lines))
     timing = [f"  {m} / {d}: {t['samples']} samples in {t['wall_s'] / 60:.1f} min, generation "
-              f"{t['gen_tokens_per_s'] or 0:.0f} tok/s, grading "
-              f"{t['graded_samples_per_s'] or 0:.0f} samples/s, generation held back "
-              f"{t['grade_wait_s']:.1f} s, {t['grade_timeouts']} grading timeouts"
+              f"{t['gen_tokens_per_s'] or 0:.0f} tok/s, {_grading_rate(t)}, generation held "
+              f"back {t['grade_wait_s']:.1f} s, {t['grade_timeouts']} grading timeouts"
               for m, per in summary.get("timing", {}).items() for d, t in per.items()]
     if timing:
         blocks.append("timing (all segments of this output directory)\n" + "\n".join(timing))
     return "\n\n".join(blocks) if blocks else "(no samples)"
+
+
+def _grading_rate(t: dict) -> str:
+    """What grading did: its rate over the samples it graded, or that there were none."""
+    if t.get("graded") == 0:
+        return "nothing graded (no sample has a \\boxed{} answer)"
+    if t.get("graded_samples_per_s") is None:
+        return "grading rate not recorded"
+    return f"grading {t['graded_samples_per_s']:.0f} samples/s ({t['graded']} with a box)"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -269,7 +283,8 @@ def read_eval_dir(d: Path) -> dict:
     """The summary of one evaluate.py output directory, recomputed from its samples."""
     d = Path(d)
     if not (d / CONFIG).is_file():
-        raise ReportError(f"'{d}' is not an evaluate.py output directory (no {CONFIG})")
+        raise ReportError(f"'{d}' is not an evaluate.py output directory (no {CONFIG}); pass "
+                          "--evals the --out directories of evaluate.py")
     return build_summary(d, json.loads((d / CONFIG).read_text()))
 
 
@@ -292,11 +307,19 @@ def _curves(summaries: list[tuple[str, dict]]) -> dict[str, dict[str, tuple]]:
     return out
 
 
-def plot_pass_at_k_curves(summaries: list[tuple[str, dict]], path: Path, dpi: int = 150,
-                          note: str = "") -> bool:
-    """pass@k vs k (log2 axis), one panel per dataset, one line per model, ±1 SE band over
-    problems. `note` is a footer (e.g. to mark random-weight or synthetic data). False and no
-    file when there is nothing to draw."""
+def _eval_size(summaries: list[tuple[str, dict]], dataset: str) -> str:
+    """How big the evaluation of a dataset was: problems x samples (each model's, if they
+    differ), so that a 0 % from 8 x 2 does not read like one from 500 x 256."""
+    sizes = dict.fromkeys(f"{int(per[dataset]['n_problems'])} problems × "
+                          f"{int(per[dataset]['n_samples_per_problem'])} samples"
+                          for _, s in summaries for per in s["results"].values()
+                          if dataset in per)
+    return "; ".join(sizes)
+
+
+def pass_at_k_figure(summaries: list[tuple[str, dict]], note: str = ""):
+    """The figure of `plot_pass_at_k_curves` (a matplotlib Figure), or None with nothing to
+    draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,9 +327,7 @@ def plot_pass_at_k_curves(summaries: list[tuple[str, dict]], path: Path, dpi: in
 
     curves = _curves(summaries)
     if not curves:
-        return False
-    n_problems = {d: max(int(per[d]["n_problems"]) for _, s in summaries
-                         for per in s["results"].values() if d in per) for d in curves}
+        return None
     fig, axes = plt.subplots(1, len(curves), figsize=(max(6.0, 4.6 * len(curves) + 0.8), 4.6),
                              squeeze=False, layout="constrained")
     fig.suptitle("pass@k vs k (unbiased estimator) · band: ±1 SE over problems", fontsize=11)
@@ -323,10 +344,12 @@ def plot_pass_at_k_curves(summaries: list[tuple[str, dict]], path: Path, dpi: in
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks_all, [str(k) for k in ks_all])
         ax.minorticks_off()
-        ax.set(title=f"{dataset} ({n_problems[dataset]} problems)", ylabel="pass@k (%)",
+        ax.set(title=f"{dataset}: {_eval_size(summaries, dataset)}", ylabel="pass@k (%)",
                xlabel="k (samples per problem, log2 scale)")
         lo, hi = ax.get_ylim()
-        ax.set_ylim(max(0.0, lo), min(100.0, max(hi, max(0.0, lo) + 2.0)))
+        lo, hi = max(0.0, lo), min(100.0, max(hi, max(0.0, lo) + 2.0))
+        # a little room below 0 %, so that a line of zeros is drawn above the axis, not on it
+        ax.set_ylim(lo - 0.03 * (hi - lo) if lo == 0.0 else lo, hi)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:  # a model missing from the first panel still gets its entry
@@ -338,6 +361,19 @@ def plot_pass_at_k_curves(summaries: list[tuple[str, dict]], path: Path, dpi: in
                fontsize=9, frameon=False)
     if note:
         fig.text(0.005, 0.005, note, fontsize=8, color="firebrick", ha="left", va="bottom")
+    return fig
+
+
+def plot_pass_at_k_curves(summaries: list[tuple[str, dict]], path: Path, dpi: int = 150,
+                          note: str = "") -> bool:
+    """pass@k vs k (log2 axis), one panel per dataset titled with its problems x samples, one
+    line per model, ±1 SE band over problems. `note` is a footer (e.g. to mark random-weight or
+    synthetic data). False and no file when there is nothing to draw."""
+    fig = pass_at_k_figure(summaries, note)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return True

@@ -66,7 +66,7 @@ def _hub_rows(spec: EvalSet) -> list[dict]:
 def _read_jsonl(path: Path) -> list[dict]:
     rows = read_json_lines(path)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows; --data_root must hold the set's problems there")
     return rows
 
 
@@ -82,7 +82,8 @@ def _answer_rows(spec: EvalSet, raw: list[dict], where: str) -> list[dict]:
     for i, r in enumerate(raw):
         problem = r.get("problem", r.get("question"))  # the paper's eval.py reads either
         if not isinstance(problem, str) or r.get("answer") in (None, ""):
-            raise DataError(f"{where}: row {i} needs 'problem' (or 'question') and 'answer'")
+            raise DataError(f"{where}: row {i} needs 'problem' (or 'question') and 'answer'; fix "
+                            "that row")
         rid = r.get("unique_id") or (f"{spec.name}/{r['id']}" if "id" in r else f"{spec.name}/{i}")
         rows.append({"id": str(rid), "dataset": spec.name, "problem": problem,
                      "answer": _answer_text(r["answer"]), "subject": None, "level": None})
@@ -115,8 +116,8 @@ def load_eval_set(name: str, data_root: str | None = None) -> list[dict]:
     if data_root is not None:
         path = Path(data_root) / spec.folder / "test.jsonl"
         if not path.is_file():
-            raise DataError(f"{name}: {path} not found (--data_root must hold "
-                            f"{spec.folder}/test.jsonl)")
+            raise DataError(f"{name}: {path} not found; --data_root must hold "
+                            f"{spec.folder}/test.jsonl (or leave {name} out of --datasets)")
     if spec.has_solution:
         rows = _math_rows(spec, data_root)
     elif data_root is None:
@@ -126,7 +127,8 @@ def load_eval_set(name: str, data_root: str | None = None) -> list[dict]:
         rows = _answer_rows(spec, _read_jsonl(path), str(path))
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
-        raise DataError(f"{name}: duplicate problem ids in the source")
+        raise DataError(f"{name}: duplicate problem ids in the source; fix the source (each "
+                        "problem once)")
     return rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import resource
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from rlvr import dist
 from rlvr.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_policy
-from rlvr.cli import fail
+from rlvr.cli import EXIT_INTERRUPTED, fail
 from rlvr.config import Config, parse_config
 from rlvr.eval_run import (
     EvalProblem,
@@ -31,14 +32,13 @@ from rlvr.eval_run import (
 from rlvr.evaluation import EVAL_PROBLEMS_FILE, format_eval_table, problem_results
 from rlvr.fsdp import full_tensors
 from rlvr.objectives import compute_advantages
+from rlvr.prompts import Problems, encode_problems
 from rlvr.reward import BatchGrader
 from rlvr.rollout import RolloutEngine
 from rlvr.run_dir import Claim, claim_or_exit
 from rlvr.run_setup import (
-    Problems,
     Resolved,
     dry_run,
-    encode_problems,
     load_data,
     resolve_memory,
     seed_everything,
@@ -263,10 +263,12 @@ def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
 
 class Eta:
     """Time left: remaining steps at the mean step time plus remaining evals at the mean eval
-    time, both as measured in this process (an eval can cost as much as many steps)."""
+    time. Steps are timed in this process; evals also count those of the run's eval history
+    (`eval_s`, from a checkpoint on --resume), so a resumed run's first ETA includes the evals
+    still to come (an eval can cost as much as many steps)."""
 
-    def __init__(self, cfg: Config, step: int):
-        self.cfg, self.steps, self.evals = cfg, [], []
+    def __init__(self, cfg: Config, step: int, eval_s: list[float] | None = None):
+        self.cfg, self.steps, self.evals = cfg, [], list(eval_s or [])
         self.start_step = step
 
     def remaining_evals(self, step: int) -> int:
@@ -281,6 +283,11 @@ class Eta:
                 + eval_s * self.remaining_evals(step)) / 60
 
 
+def history_eval_seconds(history: list) -> list[float]:
+    """The measured duration of each eval in a run's eval history (`do_eval`'s records)."""
+    return [m["time/eval_s"] for _, m in history if "time/eval_s" in m]
+
+
 def checkpoint(run: Run, at_step: int) -> Path:
     """[dist] Collective: every rank calls it (checkpoint.py: who writes what)."""
     try:
@@ -288,8 +295,9 @@ def checkpoint(run: Run, at_step: int) -> Path:
                                {"sampler": run.sampler.state(), "generator": run.gen.get_state(),
                                 "eval_history": run.history, "world_size": dist.world().size})
     except (OSError, RuntimeError) as e:  # a full disk is named as such by save_checkpoint
-        raise SystemExit(f"error: could not write the step-{at_step} checkpoint under "
-                         f"{run.cfg.run_dir}: {str(e).splitlines()[0]}") from None
+        fail(f"could not write the step-{at_step} checkpoint under {run.cfg.run_dir}: "
+             f"{str(e).splitlines()[0]}; free disk space (or fix the directory's permissions), "
+             "then continue with --resume")
 
 
 def restore(run: Run) -> int:
@@ -317,7 +325,7 @@ def restore(run: Run) -> int:
 
 
 def eval_problems(rows: list[dict], tokenizer, cfg: Config) -> list[EvalProblem]:
-    enc = encode_problems(rows, tokenizer, cfg)
+    enc = encode_problems(rows, tokenizer, cfg.prompt_style, cfg.max_prompt_tokens)
     return problems_from_rows(enc.rows, enc.prompt_ids, "math_subset")
 
 
@@ -328,7 +336,7 @@ def build(cfg: Config) -> Run:
     try:  # seconds, before the data, the memory plan and any weights
         check_model_source(cfg.model_id)
     except ModelSourceError as e:
-        raise SystemExit(f"error: --model_id: {e}") from None
+        fail(f"--model_id: {e}")
     train_rows, test_rows = load_data(cfg)
     device = (torch.device("cuda", dist.world().local_rank) if torch.cuda.is_available()
               else torch.device("cpu"))
@@ -337,7 +345,7 @@ def build(cfg: Config) -> Run:
     models = load_models(cfg, device, mem)
     seed_everything(cfg.seed)  # after the engine: vLLM's in-process engine reseeds global RNGs
     tokenizer = models.tokenizer
-    train = encode_problems(train_rows, tokenizer, cfg)
+    train = encode_problems(train_rows, tokenizer, cfg.prompt_style, cfg.max_prompt_tokens)
     return Run(cfg, device, tokenizer, models.policy, models.trainer, models.optimizer,
                models.engine,
                BatchGrader(num_workers=cfg.grader_workers, timeout_s=cfg.grade_timeout_s),
@@ -372,7 +380,7 @@ def train(cfg: Config, claim: Claim) -> dict:
           f"device {r.device} x {launch['world_size']} ({launch['mode']}), optimizer "
           f"{r.mem.optim}, {len(r.train.rows)} train prompts "
           f"({r.train.n_skipped} skipped), {len(r.evalset)} eval problems", flush=True)
-    eta = Eta(cfg, step)
+    eta = Eta(cfg, step, history_eval_seconds(r.history))
     try:
         if step == 0 and not r.history:
             eta.evals.append(do_eval(r, logger, 0))
@@ -390,8 +398,9 @@ def train(cfg: Config, claim: Claim) -> dict:
             nonfinite_streak = nonfinite_streak + 1 if metrics["train/nonfinite_minibatches"] else 0
             if nonfinite_streak >= 3:
                 checkpoint(r, step)
-                raise SystemExit(f"error: non-finite loss or gradient in {nonfinite_streak} steps "
-                                 f"in a row (last at step {step}); checkpoint saved, run stopped")
+                fail(f"non-finite loss or gradient in {nonfinite_streak} steps in a row (last at "
+                     f"step {step}; checkpoint saved, run stopped); start a new run with a lower "
+                     "--lr or --max_grad_norm")
             if step % cfg.eval_every == 0 or step == cfg.n_train_steps:
                 eta.evals.append(do_eval(r, logger, step))
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.n_train_steps:
@@ -400,13 +409,27 @@ def train(cfg: Config, claim: Claim) -> dict:
         try:  # adamw_kahan: hard-links the checkpoint's bf16 weights
             save_final_policy(cfg.run_dir, r.policy, r.tokenizer, checkpoint=last)
         except OSError as e:  # a full disk is named as such (CheckpointError)
-            raise SystemExit(f"error: could not write the final model under {cfg.run_dir}: "
-                             f"{str(e).splitlines()[0]}") from None
+            fail(f"could not write the final model under {cfg.run_dir}: "
+                 f"{str(e).splitlines()[0]}; free disk space, then re-run with --resume")
     finally:
         r.grader.close()
         logger.close()
     print(f"\n{cfg.run_name}: eval summary\n{format_eval_table(r.history)}", flush=True)
     return {"history": r.history, "run_dir": str(cfg.run_dir)}
+
+
+def interrupted_message(cfg: Config) -> str:
+    """What a SIGINT prints: where the run stands and the command that continues it."""
+    if not (cfg.run_dir / "config.json").is_file():
+        return "interrupted before the run wrote its config.json: run the same command again"
+    ckpt = latest_checkpoint(cfg.run_dir)
+    command = (f"python MATH_experiment.py --output_dir {shlex.quote(cfg.output_dir)} "
+               f"--exp_name {shlex.quote(cfg.run_name)} --resume")
+    if ckpt is None:
+        return (f"interrupted: {cfg.run_dir} has no checkpoint yet; `{command}` starts it again "
+                "from step 0")
+    step = int(ckpt.name.removeprefix("step_"))
+    return f"interrupted: continue from the step-{step} checkpoint with `{command}`"
 
 
 @record  # under torchrun: a failing rank's exception goes into torchrun's failure summary
@@ -420,6 +443,7 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     try:
         run(cfg)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(interrupted_message(cfg), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    dist.close()
     return 0

@@ -1,17 +1,17 @@
-"""GPU memory plan for one run: the vLLM rollout engine and the HF policy share one GPU.
+"""The cost model of the GPU memory plan: the vLLM rollout engine and the HF policy share one GPU.
 
-Pure arithmetic (no torch, no CUDA): from the model's shape, what the run needs at once
-(`Workload`) and a budget, `plan_memory` picks the optimizer, gradient checkpointing, vLLM's
-level-2 sleep and the micro-batch size, sizes vLLM's KV cache, and predicts the peak of the two
-phases of a step. Every size is in GiB (2**30 bytes) unless its name ends in `_bytes`.
+Pure arithmetic (no torch, no CUDA): from the model's shape and what the run needs at once
+(`Workload`), the memory of each part of the two phases of a step for a given choice of
+optimizer, gradient checkpointing, vLLM's level-2 sleep, micro-batch size and KV cache. Every
+size is in GiB (2**30 bytes) unless its name ends in `_bytes`.
 
 Phases: rollout/eval = vLLM generating while the policy holds its weights and optimizer state
 (gradients are freed after each step); train = the policy's forward/backward and optimizer step
 while vLLM is awake, or asleep holding only its never-freed overhead. The planned peak is the
 larger of the two. The constants below are calibrated on the GPU measurements in
 docs/PERFORMANCE.md; re-fit them when new measurements come in (tests/test_memory.py holds them).
-The search over the choices is in rlvr/memory_search.py; its notes and the refusal message are in
-rlvr/memory_notes.py.
+The search over the choices is in rlvr/memory_search.py, its notes and the refusal message in
+rlvr/memory_notes.py; rlvr/memory_plan.py's `plan_memory` runs the two.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from dataclasses import dataclass
 
 GIB = 2**30
 
-# --- training-side calibration (bf16 autocast, sdpa attention, fp32 residual stream; H200) ----
-# Activation bytes per token per layer without checkpointing = 30*hidden + 10*intermediate:
-# 0.5B measured ~75 KB/token/layer (mb 16 -> 32 samples of ~605 tokens: +17.0 GiB), 3B ~171 KB
-# (mb 8 -> 16: +28.5 GiB); bench_train.py sweep, docs/PERFORMANCE.md.
+# The constants below are fitted to GPU measurements; what each was fitted to is in
+# docs/PERFORMANCE.md, "Memory model calibration".
+
+# --- training side (bf16 autocast, sdpa attention, fp32 residual stream) ----------------------
+# Activation bytes per token per layer without checkpointing = 30*hidden + 10*intermediate.
 ACT_HIDDEN_BYTES = 30
 ACT_INTERMEDIATE_BYTES = 10
 # With checkpointing each layer keeps only its fp32 input (4 B x hidden per token); one layer's
-# full activations are rebuilt in backward on top. 3B measured +1.6 GiB per 8 samples.
+# full activations are rebuilt in backward on top.
 CKPT_HIDDEN_BYTES = 4
 # fp32 [chunk, vocab] tensors alive at once in the loss (logits, log-softmax temporaries, their
-# gradient); the no-checkpointing 0.5B runs put ~3.5 GiB above weights + activations.
+# gradient).
 LOGITS_FP32_COPIES = 3
 # bf16 copies autocast makes of fp32 master weights (its weight cache is off, see
 # logprobs.autocast_ctx): without checkpointing autograd saves every one for backward; with it
@@ -39,18 +40,17 @@ AUTOCAST_COPY_BYTES = 2
 # A frozen copy of the initial policy for a KL term, and vLLM's weights: bf16.
 BF16_BYTES = 2
 
-# --- vLLM (to be calibrated: no measurement of these yet) -------------------------------------
+# --- vLLM -------------------------------------------------------------------------------------
 KV_BLOCK_TOKENS = 16            # vLLM's default block size: the KV cache comes in these units
 KV_DTYPE_BYTES = 2              # bf16 KV cache
 VLLM_OVERHEAD_GIB = 1.5         # CUDA graphs (up to batch 512), compile/profiling buffers
 SAMPLER_LOGIT_BYTES = 4         # + max_num_seqs x vocab fp32 sampler logits
-# In sleep mode the rollout/eval phase ran this much above the model, every eval alike, at 1.5B
-# (80 and 24 GiB budgets: +1.15, +1.17) and 3B (+1.2); awake (0.5B) +0.07. H100, 2026-11-22.
+# What the rollout/eval phase holds above the model in sleep mode (the sleep/wake cycles).
 SLEEP_MODE_ROLLOUT_GIB = 1.2
-# vLLM's start-up profiling run (a dummy forward of max_num_batched_tokens, 16,384 on an H100)
-# leaves its activations in torch's cache while the KV cache is allocated in vLLM's own pool; we
-# hand them back right after start-up, but they count at that moment. Measured: 3.74 GiB for the
-# 7B shape (hidden 3,584 + intermediate 18,944) = ~11 B per unit per batched token.
+# vLLM's start-up profiling run (a dummy forward of max_num_batched_tokens) leaves its
+# activations in torch's cache while the KV cache is allocated in vLLM's own pool; we hand them
+# back right after start-up, but they count at that moment: ~11 B per unit of (hidden +
+# intermediate) per batched token.
 VLLM_PROFILE_TOKENS = 16384
 VLLM_PROFILE_BYTES = 11
 # Shrinking the KV cache below the eval's need makes vLLM queue sequences (slower, not wrong);
@@ -61,20 +61,13 @@ KV_MIN_CONCURRENT_SEQS = 32
 CUDA_CONTEXT_GIB = 0.6          # CUDA context + cuBLAS workspaces, seen by nvidia-smi, not torch
 # Allocator fragmentation, as a share of what is allocated anew every step (gradients,
 # activations, logits, autocast copies); weights and optimizer state are allocated once. This
-# assumes allocator hygiene (state allocated up front, empty_cache() between phases): the two
-# OOM incidents of issue 8 left ~17-20 GB unexplained by the tensors, see the report.
-# Fitted on the H100 runs of docs/PERFORMANCE.md (30 steps each, process peak vs this model):
-# 0.5B awake +0.2 GiB over the 5% first assumed, 1.5B and 3B asleep +1.4 and +2.1 GiB: the
-# sleep/wake cycle leaves the allocator's segments split; 15% is kept for vLLM awake (below).
+# assumes allocator hygiene (state allocated up front, empty_cache() between phases).
 FRAGMENTATION_SHARE = 0.15
-# With vLLM asleep during updates (refit after the autocast weight cache went, H100, 2026-11-22):
-# 3B peaked 3.2 GiB above the 15% plan (60.2 against 57.0, sawtooth 55-60 GiB over 30 steps, no
-# growth), 1.5B 0.7 above; 0.5B (awake) 0.3 below. 33% covers the 3B run.
+# With vLLM asleep during updates the sleep/wake cycle leaves the allocator's segments split.
 SLEEP_FRAGMENTATION_SHARE = 0.33
 
-# Every plan leaves this share of the budget free: the model's own error on the H100 runs was
-# within 0.4 GiB after the fit above, but a plan whose KV cache was cut to fill the budget has no
-# other margin (the 7B shape died at start-up with a 0.0 GiB headroom plan).
+# Every plan leaves this share of the budget free: a plan whose KV cache was cut to fill the
+# budget has no other margin against the model's own error.
 MIN_HEADROOM_SHARE = 0.03
 
 # --- choices ----------------------------------------------------------------------------------
@@ -313,118 +306,3 @@ def vllm_startup_gib(shape: ModelShape) -> float:
 def vllm_overhead_gib(shape: ModelShape, wl: Workload) -> float:
     """vLLM's memory besides weights and KV cache; it stays while vLLM sleeps."""
     return VLLM_OVERHEAD_GIB + wl.max_num_seqs * shape.vocab * SAMPLER_LOGIT_BYTES / GIB
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """The chosen settings and the predicted GPU memory of each phase (GiB).
-
-    `rollout_gib`/`train_gib` hold every component (weights, grads, optimizer, autocast,
-    activations, logits, reference, vllm_weights, kv_cache, vllm_overhead, context,
-    fragmentation). `kv_cache_bytes` is vLLM's `kv_cache_memory_bytes`; with the expert override
-    `gpu_mem_util` it is None and vLLM gets `vllm_share_gib` instead.
-    """
-    optim: str
-    optim_exact: bool
-    gradient_checkpointing: bool
-    sleep: bool
-    micro_batch_tokens: int
-    kv_cache_tokens: int | None
-    kv_cache_bytes: int | None
-    gpu_mem_util: float | None
-    vllm_share_gib: float
-    rollout_gib: dict[str, float]
-    train_gib: dict[str, float]
-    rollout_peak_gib: float
-    train_peak_gib: float
-    planned_peak_gib: float
-    budget_gib: float
-    headroom_gib: float
-    cpu_gib: float  # optimizer state kept in host memory (adamw_offload)
-    notes: tuple[str, ...]
-
-    def to_dict(self) -> dict:
-        """JSON-safe, for config.json."""
-        out = {}
-        for k, v in self.__dict__.items():
-            if isinstance(v, float):
-                v = round(v, 3)
-            elif isinstance(v, dict):
-                v = {name: round(x, 3) for name, x in v.items()}
-            elif isinstance(v, tuple):
-                v = list(v)
-            out[k] = v
-        return out
-
-    def vllm_memory_utilization(self, card_gib: float) -> float:
-        """vLLM's gpu_memory_utilization for the override: its share is of the whole card."""
-        return self.vllm_share_gib / card_gib
-
-    def format_table(self) -> str:
-        """One short table (<= 16 lines, < 100 columns) for the start of a run."""
-        return _format_table(self)
-
-
-def plan_memory(shape: ModelShape, workload: Workload, budget_gib: float, *, optim: str = "auto",
-                gradient_checkpointing: str | bool = "auto", sleep: str | bool = "auto",
-                micro_batch_tokens: int | None = None, gpu_mem_util: float | None = None,
-                host_gib: float | None = None, optim_specs: dict | None = None) -> MemoryPlan:
-    """The plan for one run on a `budget_gib` GiB GPU budget (the card's total or the user's
-    --gpu_memory_gb), or PlanError with one line naming the budget it needs and what would fit.
-
-    "auto" choices are searched in this order, the first that fits wins: as asked (vLLM awake,
-    checkpointing off if a micro-batch's activations are <= NO_CKPT_MAX_ACTIVATION_SHARE of the
-    budget, DEFAULT_MICRO_BATCH_TOKENS), then vLLM sleep, checkpointing, micro-batches halved
-    down to one longest sequence, a KV cache below the eval's need; then the next optimizer of
-    AUTO_OPTIM_ORDER. Values given (True/False, "true"/"false", a name, a number) are kept.
-    `gpu_mem_util` (expert override) gives vLLM that share of the budget instead of a sized KV
-    cache. An optimizer whose host-memory state exceeds HOST_STATE_SHARE of `host_gib` (None:
-    unlimited) is not chosen, and refused if given. `optim_specs` defaults to
-    rlvr.optimizers.OPTIMIZERS.
-    """
-    from rlvr.memory_search import plan
-
-    specs = optim_specs if optim_specs is not None else default_optim_specs()
-    return plan(shape, workload, budget_gib, specs, optim, gradient_checkpointing, sleep,
-                micro_batch_tokens, gpu_mem_util, host_gib)
-
-
-_ROWS = (  # label, components added up
-    ("policy weights ({dtype})", ("weights",)),
-    ("bf16 weight copies (autocast, FSDP gathers)", ("autocast",)),
-    ("gradients", ("grads",)),
-    ("optimizer state ({optim})", ("optimizer",)),
-    ("activations ({mb:,}-token micro-batch{ckpt})", ("activations",)),
-    ("logits (fp32 chunks)", ("logits",)),
-    ("reference model (bf16)", ("reference",)),
-    ("vLLM weights (bf16)", ("vllm_weights",)),
-    ("vLLM KV cache{kv}", ("kv_cache",)),
-    ("vLLM overhead (graphs, sampler)", ("vllm_overhead",)),
-    ("vLLM start-up, above optimizer state", ("vllm_startup",)),
-    ("CUDA context + fragmentation", ("context", "fragmentation")),
-)
-
-
-def _format_table(p: MemoryPlan) -> str:
-    # fp32 masters are exactly the ones autocast makes bf16 copies of
-    fields = {"dtype": "fp32" if p.train_gib["autocast"] else "bf16", "optim": p.optim,
-              "mb": p.micro_batch_tokens, "ckpt": ", ckpt" if p.gradient_checkpointing else "",
-              "kv": f" ({p.kv_cache_tokens:,} tokens)" if p.kv_cache_tokens else ""}
-
-    def cell(x: float) -> str:
-        return f"{x:9.2f}" if x > 0.005 else f"{'-':>9}"
-
-    lines = [f"{'GPU memory plan, GiB (budget ' + format(p.budget_gib, '.1f') + ')':<50}"
-             f"{'rollout/eval':>13}{'train':>9}"]
-    for label, keys in _ROWS:
-        r, t = (sum(d[k] for k in keys) for d in (p.rollout_gib, p.train_gib))
-        lines.append(f"  {label.format(**fields):<52}{cell(r)}{cell(t)}")
-    lines.append(f"  {'phase total':<52}{cell(p.rollout_peak_gib)}{cell(p.train_peak_gib)}")
-    lines.append(f"planned peak {p.planned_peak_gib:.1f} GiB, headroom {p.headroom_gib:.1f} GiB"
-                 + (f", optimizer state in host memory {p.cpu_gib:.1f} GiB" if p.cpu_gib else ""))
-    kv = (f"KV {p.kv_cache_bytes / GIB:.2f} GiB" if p.kv_cache_bytes is not None
-          else f"vLLM share {p.vllm_share_gib:.1f} GiB")
-    lines.append(f"{p.optim} ({'exact' if p.optim_exact else 'not exact'}) | ckpt "
-                 f"{'on' if p.gradient_checkpointing else 'off'} | vLLM sleep "
-                 f"{'on' if p.sleep else 'off'} | micro-batch {p.micro_batch_tokens:,} | {kv}")
-    return "\n".join(lines)

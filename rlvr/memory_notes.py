@@ -19,28 +19,28 @@ from rlvr.memory import (
     activation_gib,
     kv_tokens_wanted,
 )
-from rlvr.memory_search import _Eval, _leanest, _optim_order, _Request, _search, _Setting
+from rlvr.memory_search import Candidate, PlanRequest, Setting, leanest, optim_order, search
 
 # --- notes: why each choice --------------------------------------------------------------------
 
 
-def _train(e: _Eval) -> float:
+def _train(e: Candidate) -> float:
     return sum(e.train.values())
 
 
-def _last(tried: list[_Eval], best: _Eval, pred) -> _Eval | None:
+def _last(tried: list[Candidate], best: Candidate, pred) -> Candidate | None:
     """The last setting tried before `best` (same optimizer) for which `pred` holds."""
     hits = [e for e in tried[:tried.index(best)]
             if e.setting.optim == best.setting.optim and pred(e.setting)]
     return hits[-1] if hits else None
 
 
-def _optim_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
+def _optim_note(req: PlanRequest, best: Candidate, tried: list[Candidate]) -> str:
     o = best.setting.optim
     kind = "exact" if req.specs[o].exact else "not bit-exact"
     if req.optim is not None:
         return f"optimizer {o} ({kind}) as given by --optim"
-    worse = {e.setting.optim: _leanest(req, e.setting.optim).peak
+    worse = {e.setting.optim: leanest(req, e.setting.optim).peak
              for e in tried if e.setting.optim != o}
     why = [f"{name} needs >= {peak:.1f} GiB" for name, peak in worse.items()]
     order = [x for x in AUTO_OPTIM_ORDER if x in req.specs]
@@ -50,7 +50,7 @@ def _optim_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
     return f"optimizer {o} ({kind}): {', '.join(why) if why else 'the first choice, it fits'}"
 
 
-def _sleep_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
+def _sleep_note(req: PlanRequest, best: Candidate, tried: list[Candidate]) -> str:
     on = best.setting.sleep
     if req.sleep is not None:
         return f"vLLM sleep {'on' if on else 'off'} as given by --vllm_sleep"
@@ -64,7 +64,7 @@ def _sleep_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
             f"{_train(awake):.1f} GiB")
 
 
-def _ckpt_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
+def _ckpt_note(req: PlanRequest, best: Candidate, tried: list[Candidate]) -> str:
     s = best.setting
     if req.checkpointing is not None:
         return f"checkpointing {'on' if s.checkpointing else 'off'} as given"
@@ -81,7 +81,7 @@ def _ckpt_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
             f"activations, > {share}")
 
 
-def _mb_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
+def _mb_note(req: PlanRequest, best: Candidate, tried: list[Candidate]) -> str:
     mb = best.setting.micro_batch_tokens
     if req.micro_batch_tokens is not None:
         return f"micro-batches of {mb:,} padded tokens as given by --micro_batch_tokens"
@@ -92,7 +92,7 @@ def _mb_note(req: _Request, best: _Eval, tried: list[_Eval]) -> str:
             f"the train phase needs {_train(bigger):.1f} GiB")
 
 
-def _kv_note(req: _Request, best: _Eval) -> str:
+def _kv_note(req: PlanRequest, best: Candidate) -> str:
     wl, kv = req.wl, best.rollout["kv_cache"]
     if best.kv_tokens is None:
         return (f"vLLM takes --gpu_mem_util {req.gpu_mem_util} of the budget "
@@ -107,7 +107,7 @@ def _kv_note(req: _Request, best: _Eval) -> str:
             f"{min(wl.max_num_seqs, wl.eval_seqs)} x {eval_len}, one {wl.max_model_len}")
 
 
-def plan_notes(req: _Request, best: _Eval, tried: list[_Eval]) -> list[str]:
+def plan_notes(req: PlanRequest, best: Candidate, tried: list[Candidate]) -> list[str]:
     notes = [_optim_note(req, best, tried), _sleep_note(req, best, tried),
              _ckpt_note(req, best, tried), _mb_note(req, best, tried), _kv_note(req, best)]
     cpu = req.shape.n_params * req.specs[best.setting.optim].cpu_bytes / GIB
@@ -132,20 +132,20 @@ def _flag(name: str, value) -> str:
     return f"{_FLAGS[name]} {text}"
 
 
-def _setting_value(name: str, e: _Eval):
+def _setting_value(name: str, e: Candidate):
     return None if name == "gpu_mem_util" else getattr(e.setting, name)
 
 
-def _describe(s: _Setting) -> str:
+def _describe(s: Setting) -> str:
     return (f"{s.optim}, checkpointing {'on' if s.checkpointing else 'off'}, vLLM sleep "
             f"{'on' if s.sleep else 'off'}, {s.micro_batch_tokens:,}-token micro-batches")
 
 
-def _fix(req: _Request) -> str | None:
+def _fix(req: PlanRequest) -> str | None:
     """The given options to drop, or the shorter responses, that would make the run fit."""
     forced = [n for n in _FLAGS if getattr(req, n) is not None]
     for names in [[n] for n in forced] + ([forced] if len(forced) > 1 else []):
-        best, _ = _search(replace(req, **{n: None for n in names}))
+        best, _ = search(replace(req, **{n: None for n in names}))
         if best is not None:
             flags = ", ".join(_flag(n, _setting_value(n, best)) for n in names)
             return f"it fits {req.budget:.1f} GiB with {flags}"
@@ -155,31 +155,31 @@ def _fix(req: _Request) -> str | None:
         tokens //= 2
         evals = tokens if wl.eval_max_tokens == wl.max_tokens else wl.eval_max_tokens
         shorter = replace(wl, max_tokens=tokens, eval_max_tokens=evals)
-        if _search(replace(req, wl=shorter))[0] is not None:
+        if search(replace(req, wl=shorter))[0] is not None:
             return f"it fits {req.budget:.1f} GiB with --max_tokens {tokens}"
     return None
 
 
-def _host_fix(req: _Request) -> str | None:
+def _host_fix(req: PlanRequest) -> str | None:
     """An offloading optimizer that fits the GPU but was left out for the host's RAM."""
     left_out = [x for x in req.specs if not req.host_fits(x) and req.optim in (None, x)]
     for o in sorted(left_out, key=req.host_state_gib):
-        if _search(replace(req, optim=o, host_gib=None))[0] is not None:
+        if search(replace(req, optim=o, host_gib=None))[0] is not None:
             need = math.ceil(req.host_state_gib(o) / HOST_STATE_SHARE)
             return (f"--optim {o} would fit with >= {need} GiB of host RAM (--host_memory_gb, "
                     f"now {req.host_gib:.0f} GiB)")
     return None
 
 
-def refusal_message(req: _Request) -> str:
-    leanest = min((_leanest(req, o) for o in _optim_order(req)), key=lambda e: e.peak)
-    need = math.ceil(leanest.peak / (1 - MIN_HEADROOM_SHARE) * 10) / 10
+def refusal_message(req: PlanRequest) -> str:
+    lean = min((leanest(req, o) for o in optim_order(req)), key=lambda e: e.peak)
+    need = math.ceil(lean.peak / (1 - MIN_HEADROOM_SHARE) * 10) / 10
     given = [_flag(n, getattr(req, n)) for n in _FLAGS if getattr(req, n) is not None]
     head = (f"the run needs >= {need:.1f} GiB of GPU memory"
             f"{' with ' + ', '.join(given) if given else ''}, the budget is {req.budget:.1f} GiB")
     fix = _fix(req) or _host_fix(req)
     if fix is not None:
         return f"{head}; {fix}"
-    return (f"{head} (leanest plan: {_describe(leanest.setting)}); use a larger GPU or a "
+    return (f"{head} (leanest plan: {_describe(lean.setting)}); use a larger GPU or a "
             "smaller model")
 

@@ -1,4 +1,5 @@
-"""How `plan_memory` chooses a plan; rlvr/memory_notes.py explains it and words a refusal.
+"""How `plan_memory` (rlvr/memory_plan.py) chooses a plan; rlvr/memory_notes.py explains it and
+words a refusal.
 
 The search walks the settings in a fixed order and takes the first whose predicted peak fits the
 budget, so the same inputs always give the same plan. The cost model is in rlvr/memory.py.
@@ -22,7 +23,6 @@ from rlvr.memory import (
     SLEEP_FRAGMENTATION_SHARE,
     SLEEP_MIN_PARAMS,
     SLEEP_MODE_ROLLOUT_GIB,
-    MemoryPlan,
     ModelShape,
     PlanError,
     Workload,
@@ -40,7 +40,7 @@ from rlvr.memory import (
 
 
 @dataclass(frozen=True)
-class _Request:
+class PlanRequest:
     """What the caller asked for; None = the plan decides."""
     shape: ModelShape
     wl: Workload
@@ -67,7 +67,7 @@ class _Request:
 
 
 @dataclass(frozen=True)
-class _Setting:
+class Setting:
     optim: str
     checkpointing: bool
     sleep: bool
@@ -76,8 +76,8 @@ class _Setting:
 
 
 @dataclass(frozen=True)
-class _Eval:
-    setting: _Setting
+class Candidate:
+    setting: Setting
     kv_tokens: int | None
     rollout: dict[str, float]
     train: dict[str, float]
@@ -99,7 +99,7 @@ def _mb_floor(wl: Workload) -> int:
     return max(MIN_MICRO_BATCH_TOKENS, wl.max_train_seq)
 
 
-def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, dict]:
+def _phases(req: PlanRequest, s: Setting, kv_tokens: int | None) -> tuple[dict, dict]:
     shape, wl = req.shape, req.wl
     pol = policy_gib(shape, req.specs[s.optim], s.checkpointing, wl.fsdp_shards)
     ref = reference_gib(shape, wl)
@@ -130,12 +130,12 @@ def _phases(req: _Request, s: _Setting, kv_tokens: int | None) -> tuple[dict, di
     return rollout, train
 
 
-def _evaluate(req: _Request, s: _Setting) -> _Eval:
+def _evaluate(req: PlanRequest, s: Setting) -> Candidate:
     if req.gpu_mem_util is not None:
-        return _Eval(s, None, *_phases(req, s, None))
+        return Candidate(s, None, *_phases(req, s, None))
     wanted = kv_tokens_wanted(req.wl)
     if not s.shrink_kv:
-        return _Eval(s, wanted, *_phases(req, s, wanted))
+        return Candidate(s, wanted, *_phases(req, s, wanted))
     # the KV cache takes what the budget leaves in the phases that hold it, within [floor, wanted]
     rollout, train = _phases(req, s, 0)
     room = req.limit - sum(rollout.values())
@@ -144,25 +144,25 @@ def _evaluate(req: _Request, s: _Setting) -> _Eval:
     tokens = (int(room * GIB // kv_bytes_per_rank_token(req.shape, req.wl)) // KV_BLOCK_TOKENS
               * KV_BLOCK_TOKENS)
     tokens = min(max(tokens, kv_tokens_floor(req.wl)), wanted)
-    return _Eval(s, tokens, *_phases(req, s, tokens))
+    return Candidate(s, tokens, *_phases(req, s, tokens))
 
 
-def _no_ckpt_small(req: _Request, mb: int) -> bool:
+def _no_ckpt_small(req: PlanRequest, mb: int) -> bool:
     act = activation_gib(req.shape, max(mb, req.wl.max_train_seq), False)
     return act <= NO_CKPT_MAX_ACTIVATION_SHARE * req.budget
 
 
-def _first(req: _Request, optim: str) -> _Setting:
+def _first(req: PlanRequest, optim: str) -> Setting:
     """As asked, else: the default micro-batch, checkpointing by the activation share, and vLLM
     asleep during updates from SLEEP_MIN_PARAMS up, where its weights and KV cache are GBs and a
-    sleep/wake (~0.1 s) is a few percent of a step."""
+    sleep/wake is a small share of a step (docs/PERFORMANCE.md)."""
     mb = req.micro_batch_tokens or max(DEFAULT_MICRO_BATCH_TOKENS, _mb_floor(req.wl))
     ckpt = req.checkpointing if req.checkpointing is not None else not _no_ckpt_small(req, mb)
     sleep = req.sleep if req.sleep is not None else req.shape.n_params >= SLEEP_MIN_PARAMS
-    return _Setting(optim, ckpt, sleep, mb)
+    return Setting(optim, ckpt, sleep, mb)
 
 
-def _train_relief(req: _Request, s: _Setting) -> _Setting | None:
+def _train_relief(req: PlanRequest, s: Setting) -> Setting | None:
     """The next setting that lowers the train phase, in search order: vLLM sleep, checkpointing,
     a halved micro-batch (not below one longest sequence); choices given stay as given."""
     if req.sleep is None and not s.sleep:
@@ -175,7 +175,7 @@ def _train_relief(req: _Request, s: _Setting) -> _Setting | None:
     return None
 
 
-def _leanest(req: _Request, optim: str) -> _Eval:
+def leanest(req: PlanRequest, optim: str) -> Candidate:
     """The smallest plan the given choices allow with this optimizer (its peak is the least
     budget it needs: every relief lowers the train phase; sleep adds SLEEP_MODE_ROLLOUT_GIB to
     the rollout phase, which the KV floor keeps below the train phase for the shapes we know)."""
@@ -183,12 +183,12 @@ def _leanest(req: _Request, optim: str) -> _Eval:
     while (nxt := _train_relief(req, s)) is not None:
         s = nxt
     if req.gpu_mem_util is not None:
-        return _Eval(s, None, *_phases(req, s, None))
+        return Candidate(s, None, *_phases(req, s, None))
     floor = kv_tokens_floor(req.wl)
-    return _Eval(replace(s, shrink_kv=True), floor, *_phases(req, s, floor))
+    return Candidate(replace(s, shrink_kv=True), floor, *_phases(req, s, floor))
 
 
-def _search_optim(req: _Request, optim: str, tried: list[_Eval]) -> _Eval | None:
+def _search_optim(req: PlanRequest, optim: str, tried: list[Candidate]) -> Candidate | None:
     """Relieve the train phase only while it is over budget (sleep, checkpointing and smaller
     micro-batches cost speed and do nothing for the rollout phase), then cut the KV cache."""
     s = _first(req, optim)
@@ -204,25 +204,25 @@ def _search_optim(req: _Request, optim: str, tried: list[_Eval]) -> _Eval | None
         s = nxt
 
 
-def _optim_order(req: _Request) -> list[str]:
+def optim_order(req: PlanRequest) -> list[str]:
     if req.optim is not None:
         return [req.optim]
     order = [o for o in AUTO_OPTIM_ORDER if o in req.specs]
     return [o for o in order + sorted(o for o in req.specs if o not in order) if req.host_fits(o)]
 
 
-def _search(req: _Request) -> tuple[_Eval | None, list[_Eval]]:
+def search(req: PlanRequest) -> tuple[Candidate | None, list[Candidate]]:
     """The first setting that fits, in search order, and every setting tried."""
-    tried: list[_Eval] = []
-    for optim in _optim_order(req):
+    tried: list[Candidate] = []
+    for optim in optim_order(req):
         if (e := _search_optim(req, optim, tried)) is not None:
             return e, tried
     return None, tried
 
 
-def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim: str,
+def make_request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim: str,
              checkpointing: str | bool, sleep: str | bool, mb: int | None,
-             util: float | None, host_gib: float | None) -> _Request:
+             util: float | None, host_gib: float | None) -> PlanRequest:
     if not budget > 0:
         raise PlanError(f"the GPU memory budget must be > 0 GiB, got {budget}")
     if optim != "auto" and optim not in specs:
@@ -235,7 +235,7 @@ def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim:
            and v < 1]
     if bad:
         raise PlanError(f"workload {bad[0]} must be >= 1, got {getattr(wl, bad[0])}")
-    req = _Request(shape, wl, float(budget), specs, None if optim == "auto" else optim,
+    req = PlanRequest(shape, wl, float(budget), specs, None if optim == "auto" else optim,
                    _auto_choice(checkpointing), _auto_choice(sleep), mb, util, host_gib)
     if req.optim is not None and not req.host_fits(req.optim):
         raise PlanError(f"--optim {optim} keeps {req.host_state_gib(optim):.1f} GiB of optimizer "
@@ -246,35 +246,3 @@ def _request(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim:
         raise PlanError(f"--gpu_mem_util {util} gives vLLM {util * budget:.1f} GiB, less than "
                         f"its weights + overhead ({fixed:.1f} GiB); leave it unset")
     return req
-
-
-def _make_plan(req: _Request, e: _Eval, notes: list[str]) -> MemoryPlan:
-    s, spec = e.setting, req.specs[e.setting.optim]
-    rollout, train = sum(e.rollout.values()), sum(e.train.values())
-    peak = max(rollout, train)
-    kv_bytes = (None if e.kv_tokens is None
-                else int(e.kv_tokens * kv_bytes_per_rank_token(req.shape, req.wl)))
-    share = e.rollout["vllm_weights"] + e.rollout["kv_cache"] + e.rollout["vllm_overhead"]
-    return MemoryPlan(
-        optim=s.optim, optim_exact=bool(spec.exact), gradient_checkpointing=s.checkpointing,
-        sleep=s.sleep, micro_batch_tokens=s.micro_batch_tokens, kv_cache_tokens=e.kv_tokens,
-        kv_cache_bytes=kv_bytes, gpu_mem_util=req.gpu_mem_util, vllm_share_gib=share,
-        rollout_gib=dict(e.rollout), train_gib=dict(e.train), rollout_peak_gib=rollout,
-        train_peak_gib=train, planned_peak_gib=peak, budget_gib=req.budget,
-        headroom_gib=req.budget - peak, cpu_gib=req.shape.n_params * spec.cpu_bytes / GIB,
-        notes=tuple(notes))
-
-
-def plan(shape: ModelShape, wl: Workload, budget: float, specs: dict, optim: str,
-         checkpointing: str | bool, sleep: str | bool, mb: int | None,
-         util: float | None, host_gib: float | None = None) -> MemoryPlan:
-    """`plan_memory`'s work (see its docstring)."""
-    # the notes and the refusal re-run parts of the search: imported here, not at the top, as
-    # rlvr/memory_notes.py imports this module
-    from rlvr.memory_notes import plan_notes, refusal_message
-
-    req = _request(shape, wl, budget, specs, optim, checkpointing, sleep, mb, util, host_gib)
-    best, tried = _search(req)
-    if best is None:
-        raise PlanError(refusal_message(req))
-    return _make_plan(req, best, plan_notes(req, best, tried))

@@ -67,13 +67,14 @@ def check_model_source(model_id: str) -> None:
     if _looks_local(model_id):
         path = Path(model_id).expanduser()
         if not path.exists():
-            raise ModelSourceError(f"model path {model_id} does not exist")
+            raise ModelSourceError(f"model path {model_id} does not exist; pass an existing "
+                                   "model directory, a .gguf file or a hub id (org/name)")
         if model_id.endswith(".gguf"):
             if not path.is_file():
-                raise ModelSourceError(f"{model_id} is not a .gguf file")
+                raise ModelSourceError(f"{model_id} is not a .gguf file; pass the file itself")
         elif not (path / "config.json").is_file():
-            raise ModelSourceError(f"{model_id} is not a Hugging Face model directory "
-                                   "(no config.json)")
+            raise ModelSourceError(f"{model_id} is not a Hugging Face model directory (no "
+                                   "config.json); pass the directory that holds config.json")
         return
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -83,7 +84,7 @@ def check_model_source(model_id: str) -> None:
             return  # cached: loads offline
     except HFValidationError:
         raise ModelSourceError(f"{model_id} is neither an existing path nor a valid hub id "
-                               "(org/name)") from None
+                               "(org/name); check its spelling") from None
     if _hub_offline():
         raise ModelSourceError(f"{model_id} is not in the local Hugging Face cache and "
                                f"HF_HUB_OFFLINE is set: unset it, {_LOCAL_HINT}")
@@ -94,7 +95,7 @@ def check_model_source(model_id: str) -> None:
                                f"to it, {_LOCAL_HINT}")
     if status == 404:
         raise ModelSourceError(f"{model_id}: no such local path, and no such model on the hub "
-                               f"({constants.ENDPOINT})")
+                               f"({constants.ENDPOINT}); check its spelling")
     if status in (401, 403):
         raise ModelSourceError(f"the hub refuses {model_id} ({status}): not found, or private "
                                "or gated (log in with `hf auth login` or set HF_TOKEN)")
@@ -151,13 +152,7 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
-# Below this size activations are cheap and recomputing them costs more than the memory saved
-# (measured on an H200: 0.5B update 1.29 s with checkpointing at micro-batch 8, 0.73 s without
-# at 16); above it, a 3B model without checkpointing outgrows an 80 GB card.
-AUTO_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
-
-
-def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bool | str, *,
+def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bool, *,
                 dtype: torch.dtype = torch.float32):
     """The trainable policy, its weights loaded directly in `dtype` (fp32 master weights unless
     the optimizer keeps its own accurate copy).
@@ -177,9 +172,6 @@ def load_policy(model_dir: str, device: torch.device, gradient_checkpointing: bo
              if getattr(model.config, k, None) not in (None, 1, 1.0)]
     if getattr(model.lm_head, "bias", None) is not None or extra:
         raise ValueError(f"unsupported output head for {model_dir}: lm_head bias or {extra}")
-    if gradient_checkpointing == "auto":
-        n_params = sum(p.numel() for p in model.parameters())
-        gradient_checkpointing = n_params >= AUTO_CHECKPOINTING_MIN_PARAMS
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

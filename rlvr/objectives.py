@@ -66,30 +66,6 @@ def compute_advantages(
     return adv.to(torch.float32), keep
 
 
-def clipped_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range: float,
-    normalizer: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """PPO clipped surrogate, summed over masked tokens and divided by `normalizer`.
-
-    logp, old_logp, mask: [B, T]; advantages: [B]. Per token the loss is
-    -min(A * rho, A * clip(rho, 1 - eps, 1 + eps)) with rho = exp(logp - old_logp).
-    `normalizer` defaults to the mask's token count (token mean). When one optimizer mini-batch is
-    split into micro-batches, pass the mini-batch's total token count so that the accumulated
-    gradient equals the mini-batch token mean rather than a mean of micro-batch means.
-    """
-    mask = mask.to(logp.dtype)
-    per_token = per_token_loss(logp, old_logp, advantages, clip_range)
-    if normalizer is None:
-        normalizer = mask.sum()
-    return (per_token * mask).sum() / torch.clamp_min(torch.as_tensor(normalizer,
-                                                                        dtype=logp.dtype), 1.0)
-
-
 @torch.no_grad()
 def ratio_stats(
     logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, clip_range: float

@@ -7,20 +7,16 @@ answers are extracted by exactly the same rule.
 from __future__ import annotations
 
 import logging
-import math
-import multiprocessing as mp
 import os
 import re
-import signal
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from dataclasses import dataclass
 
 from math_verify import LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
+
+from rlvr.worker_pool import TimeoutPool
 
 # `\boxed` / `\fbox` not followed by another letter (so `\boxedtext` is not a box).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -160,8 +156,6 @@ def _grade_in_worker(answer: str, gold_answer: str) -> float:
 # Parallel grading with a hard per-sample bound
 # --------------------------------------------------------------------------------------------
 
-_MAX_CHUNK = 32  # samples per message; results still come back one by one (see _worker_main)
-_STARTUP_TIMEOUT_S = 300.0  # a worker that cannot import math-verify in this long is broken
 # Graded once by each worker before it reports ready, so that the first real batch does not pay
 # for building math-verify's regexes, the ANTLR parser and sympy's lazily-initialised paths.
 _WARMUP = (
@@ -176,6 +170,12 @@ _WARMUP = (
 )
 
 
+def _warm_up_worker() -> None:
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    for answer, gold in _WARMUP:
+        _grade_in_worker(answer, gold)
+
+
 @dataclass
 class GradeResult:
     scores: list[float]
@@ -184,45 +184,13 @@ class GradeResult:
     n_no_box: int = 0  # responses without any `\boxed{}`: scored 0 without being sent anywhere
 
 
-def _worker_main(conn: Connection, grade_fn: Callable[[str, str], float]) -> None:
-    # Ctrl-C reaches the whole process group; let the parent decide how to shut us down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    for answer, gold in _WARMUP:
-        grade_fn(answer, gold)
-    try:
-        conn.send("ready")
-        while (chunk := conn.recv()) is not None:
-            for idx, answer, gold in chunk:
-                try:
-                    score = float(grade_fn(answer, gold))
-                except Exception:
-                    score = 0.0
-                # One message per sample, so the parent knows which sample a stuck worker is on.
-                conn.send((idx, score))
-    except (EOFError, OSError):
-        # The parent is gone (killed, OOM, Ctrl-C): EOF, a reset or a broken pipe, depending on
-        # what was in flight. Nothing is waiting for us; exit without a traceback, which would
-        # only bury the parent's own last words in the log.
-        return
-
-
-@dataclass
-class _Worker:
-    proc: mp.process.BaseProcess
-    conn: Connection
-    ready: bool = False
-    outstanding: deque = field(default_factory=deque)  # (idx, answer, gold), in grading order
-    busy_since: float = 0.0  # when the sample at the head of `outstanding` started
-
-
 class BatchGrader:
-    """Grades batches of responses in a persistent pool of spawned worker processes.
+    """Grades batches of responses with math-verify in a persistent pool of spawned worker
+    processes (rlvr/worker_pool.py).
 
     Each sample gets a hard wall-clock bound of `timeout_s`: a worker that overruns is killed and
     replaced, the sample scores 0 and counts as a timeout, and the rest of its chunk is graded
-    elsewhere. Workers are started with "spawn" because the parent may hold CUDA and a vLLM
-    engine, which must never be forked. Not thread-safe: call `grade_batch` from one thread.
+    elsewhere. Not thread-safe: call `grade_batch` from one thread.
     """
 
     def __init__(
@@ -234,47 +202,15 @@ class BatchGrader:
     ) -> None:
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self._pool = TimeoutPool(_grade_fn, num_workers, timeout_s, init=_warm_up_worker,
+                                 default=0.0)
         self.num_workers = num_workers
-        self.timeout_s = float(timeout_s)
-        self._grade_fn = _grade_fn  # must be a picklable module-level function
-        self._ctx = mp.get_context("spawn")
-        self._workers: list[_Worker] = []
-        # Start them now so they warm up while the caller is busy generating.
-        for _ in range(num_workers):
-            self._workers.append(self._start_worker())
-
-    def _start_worker(self) -> _Worker:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_worker_main,
-            args=(child_conn, self._grade_fn),
-            daemon=True,
-            name="rlvr-grader",
-        )
-        proc.start()
-        child_conn.close()  # so that the parent sees EOF when the worker dies
-        return _Worker(proc=proc, conn=parent_conn)
-
-    @staticmethod
-    def _stop_worker(worker: _Worker) -> None:
-        worker.proc.kill()  # SIGKILL: works even when stuck inside C code (big-int sympy maths)
-        worker.proc.join(timeout=5)
-        worker.conn.close()
-
-    def _replace(self, worker: _Worker) -> None:
-        self._stop_worker(worker)
-        self._workers[self._workers.index(worker)] = self._start_worker()
+        self.timeout_s = self._pool.timeout_s
 
     def grade_batch(self, responses: list[str], golds: list[str]) -> GradeResult:
         """Score `responses[i]` against `golds[i]`; 1.0 correct, 0.0 wrong / no box / timeout."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-        if not self._workers:
-            raise RuntimeError("BatchGrader is closed")
         # Rollouts of one prompt share the gold and often the final answer, and grading is a pure
         # function of the two: grade each distinct (answer, gold) pair once.
         where: dict[tuple[str, str], list[int]] = {}
@@ -282,13 +218,13 @@ class BatchGrader:
             answer = extract_boxed(response)
             if answer is not None:
                 where.setdefault((answer, gold), []).append(i)
-        task_scores, timed_out = self._run(list(where))
+        task_scores, timed_out = self._pool.map(list(where))
 
         scores = [0.0] * len(responses)
         n_timeouts = 0
         for task, indices in enumerate(where.values()):
             for i in indices:
-                scores[i] = task_scores[task]
+                scores[i] = float(task_scores[task])
             if task in timed_out:
                 n_timeouts += len(indices)
         if n_timeouts:
@@ -301,99 +237,11 @@ class BatchGrader:
         n_no_box = len(responses) - sum(len(indices) for indices in where.values())
         return GradeResult(scores=scores, n_timeouts=n_timeouts, n_no_box=n_no_box)
 
-    def _run(self, tasks: list[tuple[str, str]]) -> tuple[list[float], set[int]]:
-        """Grade (answer, gold) pairs on the pool: per-task scores and the tasks that timed out."""
-        scores = [0.0] * len(tasks)
-        timed_out: set[int] = set()
-        pending: deque[tuple[int, str, str]] = deque((j, a, g) for j, (a, g) in enumerate(tasks))
-        n_left = len(pending)
-        # A few chunks per worker: large enough to amortise IPC, small enough to balance load.
-        chunk = max(1, min(_MAX_CHUNK, math.ceil(n_left / (4 * self.num_workers))))
-        waiting_since = time.monotonic()
-
-        def give_up_on(w: _Worker) -> None:
-            # The sample `w` is stuck on keeps its 0.0; the rest of its chunk goes back in line.
-            nonlocal n_left
-            if w.outstanding:
-                timed_out.add(w.outstanding.popleft()[0])
-                n_left -= 1
-                pending.extendleft(reversed(w.outstanding))
-                w.outstanding.clear()
-            self._replace(w)
-
-        while n_left:
-            now = time.monotonic()
-            for w in self._workers:
-                if w.ready and not w.outstanding and pending:
-                    items = [pending.popleft() for _ in range(min(chunk, len(pending)))]
-                    try:
-                        w.conn.send(items)
-                    except OSError:  # died while idle: nothing of it was lost, just replace it
-                        pending.extendleft(reversed(items))
-                        self._replace(w)
-                        continue
-                    w.outstanding.extend(items)
-                    w.busy_since = now
-
-            busy = [w for w in self._workers if w.outstanding]
-            if busy:
-                waiting_since = now
-                wait_s = max(0.0, min(w.busy_since for w in busy) + self.timeout_s - now)
-            else:  # every worker is still starting up
-                wait_s = waiting_since + _STARTUP_TIMEOUT_S - now
-                if wait_s <= 0:
-                    raise RuntimeError("grading workers did not start")
-            by_conn = {w.conn: w for w in self._workers}
-            for conn in wait(list(by_conn), timeout=wait_s):
-                w = by_conn[conn]
-                try:
-                    while conn.poll():
-                        msg = conn.recv()
-                        if msg == "ready":
-                            w.ready = True
-                            continue
-                        task, score = msg
-                        scores[task] = score
-                        w.outstanding.popleft()
-                        w.busy_since = time.monotonic()
-                        n_left -= 1
-                except (EOFError, OSError):  # the worker died (crash, OOM kill, ...)
-                    if not w.ready:
-                        raise RuntimeError(
-                            f"grading worker exited during start-up (exit code {w.proc.exitcode})"
-                        ) from None
-                    logger.warning("grading worker died (exit code %s)", w.proc.exitcode)
-                    give_up_on(w)
-
-            now = time.monotonic()
-            for w in list(self._workers):
-                if w.outstanding and now - w.busy_since > self.timeout_s:
-                    give_up_on(w)
-        return scores, timed_out
-
     def close(self) -> None:
-        workers, self._workers = self._workers, []
-        for w in workers:
-            try:
-                w.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        deadline = time.monotonic() + 2.0
-        for w in workers:
-            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(timeout=5)
-            w.conn.close()
+        self._pool.close()
 
     def __enter__(self) -> BatchGrader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -20,45 +20,26 @@ import torch
 
 from rlvr import dist
 from rlvr.attention import enable_packed_attention
+from rlvr.cli import fail
 from rlvr.config import RESUMABLE_FIELDS, Config
 from rlvr.data import DataError, load_subset, stratified_subset
 from rlvr.logprobs import LOGIT_CHUNK_TOKENS
 from rlvr.memory import (
     KNOWN_SHAPES,
     MIN_HEADROOM_SHARE,
-    MemoryPlan,
     PlanError,
     Workload,
     model_shape_from_config,
-    plan_memory,
 )
-from rlvr.prompts import encode_prompt
+from rlvr.memory_plan import MemoryPlan, plan_memory
 from rlvr.rollout import RolloutEngine
+from rlvr.subset import build_default_subset
 from rlvr.tracking import provenance
 
 # The eval sample must not depend on --seed: runs of several seeds are compared on one problem set.
 EVAL_SAMPLE_SEED = 0
 # Without a GPU there is no card to plan for: the CPU fallback runs with these.
 CPU_DEFAULTS = {"optim": "adamw", "gradient_checkpointing": False, "micro_batch_tokens": 16384}
-
-
-@dataclass
-class Problems:
-    rows: list[dict]
-    prompt_ids: list[list[int]]
-    n_skipped: int  # prompts over --max_prompt_tokens
-
-
-def encode_problems(rows: list[dict], tokenizer, cfg: Config) -> Problems:
-    kept_rows, ids, skipped = [], [], 0
-    for row in rows:
-        p = encode_prompt(tokenizer, row["problem"], cfg.prompt_style)
-        if len(p) > cfg.max_prompt_tokens:
-            skipped += 1
-            continue
-        kept_rows.append(row)
-        ids.append(p)
-    return Problems(kept_rows, ids, skipped)
 
 
 def select_eval_rows(rows: list[dict], limit: int | None,
@@ -111,17 +92,25 @@ def write_config(cfg: Config, device: torch.device, step: int, plan: dict | None
 
 
 def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The train and test rows of --data_dir; a default --data_dir that is missing is built
+    first (data_prep.py's code, from the hub). A one-line exit on anything unusable."""
     try:
+        build_default_subset(cfg.data_dir)
         return load_subset(cfg.data_dir, "train"), load_subset(cfg.data_dir, "test")
     except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
 
 
 # ----------------------------------------------------------------------------- the memory plan
 
 
 def read_model_config(model_id: str) -> tuple[dict, str]:
-    """The model's config.json as a dict, and where it came from; never loads weights."""
+    """The model's config.json as a dict, and where it came from; never loads weights.
+
+    A hub id costs at most one bounded probe of the hub (rlvr.modeling.check_model_source):
+    when the hub cannot give the file, a model of KNOWN_SHAPES falls back to its built-in copy
+    at once, rather than after the hub client's retries.
+    """
     path = Path(model_id).expanduser()
     if model_id.endswith(".gguf"):
         from transformers import AutoConfig
@@ -130,15 +119,20 @@ def read_model_config(model_id: str) -> tuple[dict, str]:
         return cfg.to_dict(), str(path)
     if path.is_dir():
         return json.loads((path / "config.json").read_text()), str(path / "config.json")
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        local = hf_hub_download(model_id, "config.json", etag_timeout=5)
-        return json.loads(Path(local).read_text()), f"hub:{model_id}"
-    except Exception:
+    from rlvr.modeling import HUB_PROBE_TIMEOUT_S, ModelSourceError, check_model_source
+
+    try:
+        check_model_source(model_id)  # passes at once when the file is in the local cache
+    except ModelSourceError:
         if model_id in KNOWN_SHAPES:  # offline: the public config of a model we know
             return KNOWN_SHAPES[model_id], f"built-in copy of {model_id}'s config.json"
         raise
+    local = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(local, str):
+        local = hf_hub_download(model_id, "config.json", etag_timeout=HUB_PROBE_TIMEOUT_S)
+    return json.loads(Path(local).read_text()), f"hub:{model_id}"
 
 
 def workload(cfg: Config, eval_problems: int, world_size: int = 1,
@@ -192,28 +186,22 @@ def saved_mode(cfg: Config) -> str | None:
     return _saved(cfg).get("mode")
 
 
-def make_plan(cfg: Config, eval_problems: int, fsdp: bool = False) -> MemoryPlan:
-    """The memory plan for one rank of this run on this card (or on --gpu_memory_gb), or a
-    one-line exit."""
-    try:
-        return _plan(cfg, eval_problems, fsdp)
-    except PlanError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def _plan(cfg: Config, eval_problems: int, fsdp: bool) -> MemoryPlan:
+def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False) -> MemoryPlan:
+    """The memory plan for one rank of this run on this card (or on --gpu_memory_gb), the
+    policy sharded (FSDP) or not; PlanError with the one-line reason (cause; fix) when there is
+    none."""
     budget = cfg.gpu_memory_gb or card_gib()
     if budget is None:
-        raise SystemExit("error: no CUDA GPU here to plan for: pass --gpu_memory_gb "
-                         "(the card's memory in GiB)")
+        raise PlanError("no CUDA GPU here to plan for; pass --gpu_memory_gb (the card's memory "
+                        "in GiB)")
     try:
         model_cfg, _ = read_model_config(cfg.model_id)
         shape = model_shape_from_config(model_cfg)
-    except PlanError as e:
-        raise SystemExit(f"error: {e}") from None
+    except PlanError:
+        raise
     except Exception as e:
-        raise SystemExit(f"error: cannot read the config.json of --model_id {cfg.model_id}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
+        raise PlanError(f"cannot read the config.json of --model_id {cfg.model_id}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
     forced = {"true": True, "false": False}
     optim = saved_optimizer(cfg) or ("adamw" if fsdp else cfg.optim)
     return plan_memory(
@@ -227,23 +215,31 @@ def _plan(cfg: Config, eval_problems: int, fsdp: bool) -> MemoryPlan:
 def choose_plan(cfg: Config, eval_problems: int) -> tuple[MemoryPlan, bool]:
     """This rank's plan and whether it shards the policy (FSDP): as --fsdp or the resumed run
     say, else replicated (DDP) where that fits and sharded where only that does (a job of
-    several GPUs, exact AdamW), else the replicated plan's one-line refusal."""
+    several GPUs, exact AdamW), else PlanError with the replicated plan's one-line reason."""
     fsdp = cfg.fsdp or saved_mode(cfg) == "fsdp"
     may_shard = (not fsdp and saved_mode(cfg) is None and dist.launched().size > 1
                  and cfg.optim in ("auto", "adamw") and cfg.backend != "hf")
     try:
-        return _plan(cfg, eval_problems, fsdp), fsdp
-    except PlanError as e:
+        return plan_for(cfg, eval_problems, fsdp), fsdp
+    except PlanError:
         if may_shard:
             try:
-                plan = _plan(cfg, eval_problems, True)
+                plan = plan_for(cfg, eval_problems, True)
             except PlanError:
                 pass
             else:
                 print("note: replicated weights, gradients and optimizer state do not fit one "
                       "GPU; sharding them over the job's GPUs (FSDP2)", flush=True)
                 return plan, True
-        raise SystemExit(f"error: {e}") from None
+        raise
+
+
+def chosen_plan(cfg: Config, eval_problems: int) -> tuple[MemoryPlan, bool]:
+    """`choose_plan`, or its reason as a one-line refusal (exit status 2)."""
+    try:
+        return choose_plan(cfg, eval_problems)
+    except PlanError as e:
+        fail(str(e))
 
 
 def eval_problem_count(cfg: Config) -> int:
@@ -257,7 +253,7 @@ def dry_run(cfg: Config) -> int:
     if cfg.plan_json:
         print(json.dumps(plan_report(cfg)), flush=True)
         return 0
-    plan, fsdp = choose_plan(cfg, eval_problem_count(cfg))
+    plan, fsdp = chosen_plan(cfg, eval_problem_count(cfg))
     print(plan.format_table())
     if (size := dist.launched().size) > 1:
         layout = "sharded (fsdp)" if fsdp else "replicated (ddp)"
@@ -285,8 +281,8 @@ def plan_report(cfg: Config) -> dict:
             p, _ = choose_plan(cfg, eval_problem_count(cfg))
             plan = {**p.to_dict(), "table": p.format_table()}
             min_budget = p.planned_peak_gib / (1 - MIN_HEADROOM_SHARE)
-        except SystemExit as e:
-            plan = {"error": str(e.code).removeprefix("error: ")}
+        except PlanError as e:
+            plan = {"error": str(e)}
     return {"config": cfg.to_json(), "plan": plan, "min_budget_gib": min_budget,
             "model_error": model_error, "eval_problems": eval_problem_count(cfg)}
 
@@ -321,7 +317,7 @@ def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Res
         gc = {"true": True}.get(str(cfg.gradient_checkpointing).lower(), False)
         optim = CPU_DEFAULTS["optim"] if cfg.optim == "auto" else cfg.optim
         return Resolved(optim, gc, cfg.micro_batch_tokens or CPU_DEFAULTS["micro_batch_tokens"])
-    plan, fsdp = choose_plan(cfg, eval_problems)
+    plan, fsdp = chosen_plan(cfg, eval_problems)
     print(plan.format_table(), flush=True)
     budget = cfg.gpu_memory_gb
     if budget is not None and budget < card_gib():
@@ -405,8 +401,8 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
         policy = load_policy(model_dir, host if mem.fsdp else device, mem.gradient_checkpointing,
                              dtype=torch.bfloat16 if mem.fsdp else param_dtype_for(mem.optim))
     except (OSError, ValueError) as e:  # a bad path or hub id, an unsupported model
-        raise SystemExit(f"error: cannot load --model_id {cfg.model_id}: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+        fail(f"cannot load --model_id {cfg.model_id}: {str(e).strip().splitlines()[0]}; pass a "
+             "hub id, a local model directory or a .gguf file")
     trainer = _trainer(policy, device, mem.fsdp, param_dtype_for(mem.optim))
     # padding-free micro-batches where torch's varlen flash attention runs (CUDA); elsewhere the
     # padded layout, whose sdpa kernels need no N x N mask
@@ -425,7 +421,7 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
     try:
         check_libraries(mem.optim)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     engine = build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids)
     if device.type == "cuda":
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
@@ -439,7 +435,7 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, name=mem.optim,
                                    betas=tuple(cfg.adam_betas))
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     if device.type == "cuda":
         # the zero step's freed gradients would stay cached through the first eval
         torch.cuda.empty_cache()

@@ -160,13 +160,46 @@ def test_a_resumed_run_keeps_the_optimizer_its_checkpoint_was_written_by(tmp_pat
                                                                         tiny_model_dir):
     """--optim auto re-plans on resume, possibly for another card or budget; the optimizer must
     stay the one whose state the checkpoint holds."""
-    from rlvr.run_setup import make_plan
+    from rlvr.run_setup import plan_for
 
     fresh = resolve({"output_dir": str(tmp_path), "exp_name": "r", "model_id":
                      str(tiny_model_dir), "gpu_memory_gb": 80})
-    assert make_plan(fresh, 100).optim == "adamw"
+    assert plan_for(fresh, 100).optim == "adamw"
     fresh.run_dir.mkdir(parents=True)
     (fresh.run_dir / "config.json").write_text(json.dumps(
         {**fresh.to_json(), "memory_plan": {"optim": "adamw_kahan"}}))
     resumed = parse_config(["--output_dir", str(tmp_path), "--exp_name", "r", "--resume"])
-    assert make_plan(resumed, 100).optim == "adamw_kahan"
+    assert plan_for(resumed, 100).optim == "adamw_kahan"
+
+
+def test_a_bad_choice_is_one_line_naming_the_choices_without_the_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--objective", "nsr"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: argument --objective: invalid choice: 'nsr'")
+    assert "'NSR'" in err and "MATH_experiment.py --help" in err and "usage:" not in err
+
+
+def test_a_greedy_eval_with_several_samples_is_refused_and_the_paper_preset_asks_for_one(
+        capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--eval_temperature", "0", "--eval_n", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--eval_temperature 0 is greedy" in err and "pass --eval_n 1" in err
+    cfg = parse_config(["--preset", "paper"])
+    assert (cfg.eval_temperature, cfg.eval_n) == (0.0, 1)  # what config.json records is run
+    assert parse_config(["--eval_temperature", "0", "--eval_n", "1"]).eval_n == 1
+
+
+def test_the_eta_of_a_resumed_run_counts_its_evals_from_the_eval_history():
+    from rlvr.experiment import Eta, history_eval_seconds
+
+    cfg = resolve({"n_train_steps": 80, "eval_every": 10})
+    history = [(0, {"pass@1": 0.1, "time/eval_s": 30.0}), (10, {"pass@1": 0.2,
+                                                                 "time/eval_s": 40.0})]
+    eta = Eta(cfg, step=10, eval_s=history_eval_seconds(history))
+    eta.steps = [2.0]  # the first step after the resume
+    # after step 11: 69 steps x 2 s + evals at 20, 30, ..., 80 (7) x 35 s
+    assert eta.minutes(11) == pytest.approx((69 * 2.0 + 7 * 35.0) / 60)

@@ -283,9 +283,86 @@ def test_jsonl_extra_keys_kept(tmp_path):
     }
 
 
-def test_load_subset_missing(tmp_path):
-    with pytest.raises(DataError, match=r"run `python data_prep.py` first"):
+def test_load_subset_names_the_fix_for_a_missing_a_file_or_an_empty_split(tmp_path):
+    with pytest.raises(DataError, match=r"build it with `python data_prep.py --output_dir "):
         load_subset(str(tmp_path), "train")
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"holds no problems; rebuild it .* larger --fraction"):
+        load_subset(str(tmp_path), "train")
+    with pytest.raises(DataError, match=r"is a file; pass the directory data_prep.py wrote"):
+        load_subset(str(tmp_path / "train.jsonl"), "train")
+
+
+def test_a_fraction_that_keeps_nothing_is_refused_and_writes_nothing(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    row = {"problem": "p", "level": "Level 1", "type": "Algebra", "solution": r"\boxed{1}"}
+    for split in ("train", "test"):
+        (source / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    assert data_prep.main(["--source", str(source), "--output_dir", str(out),
+                           "--fraction", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fraction 0.1 keeps none of the 1 train problems; pass "
+                          "--fraction 0.5 or more") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def _hub_stand_in(math_dir: Path, fail: bool = False):
+    """`datasets` serving the shared MATH jsonl as the hub's seven subject configs (no network
+    in tests), or failing as it does offline."""
+    from types import SimpleNamespace
+
+    by_subject: dict[str, dict[str, list[dict]]] = {}
+    for split in ("train", "test"):
+        for line in (math_dir / f"{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            row.pop("unique_id", None)  # hub rows carry none
+            by_subject.setdefault(split, {}).setdefault(row["type"], []).append(row)
+
+    def load_dataset(name, config, split):
+        if fail:
+            raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+        subject = config.replace("_and_", " & ").replace("_", " ").title()
+        return by_subject[split][subject]
+
+    return SimpleNamespace(load_dataset=load_dataset)
+
+
+def test_a_first_run_builds_the_default_subset_as_data_prep_does(math_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    from rlvr.config import Config
+    from rlvr.run_setup import load_data
+
+    monkeypatch.setitem(sys.modules, "datasets", _hub_stand_in(math_dir))
+    monkeypatch.chdir(tmp_path)
+    train, test = load_data(Config())  # --data_dir data/math_subset, not there yet
+    assert (len(train), len(test)) == (1875, 1250)
+    assert "building it from the hub" in capsys.readouterr().out
+    assert data_prep.main(["--output_dir", "by_data_prep"]) == 0  # the same hub, by hand
+    for name in ("train.jsonl", "test.jsonl", "manifest.json"):
+        assert (tmp_path / "data/math_subset" / name).read_bytes() == \
+            (tmp_path / "by_data_prep" / name).read_bytes(), name
+
+
+def test_offline_a_first_run_names_the_command_that_builds_the_subset(math_dir, tmp_path,
+                                                                      monkeypatch, capsys):
+    from rlvr.config import Config
+    from rlvr.run_setup import load_data
+
+    monkeypatch.setitem(sys.modules, "datasets", _hub_stand_in(math_dir, fail=True))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        load_data(Config())
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: no MATH subset at data/math_subset, and it cannot be built "
+                          "from the hub (cannot load EleutherAI/hendrycks_math/algebra [train]")
+    assert err.rstrip().endswith("`python data_prep.py --source /path/to/MATH`")
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(SystemExit):  # a --data_dir of the user's own is never built
+        load_data(Config(data_dir="mine"))
+    assert "build it with `python data_prep.py --output_dir mine`" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

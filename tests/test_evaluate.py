@@ -191,15 +191,19 @@ def test_hf_engine_in_loop_metrics(tiny_model_dir, grader, data_root):
     import torch
 
     from rlvr.engines import HFEngine
-    from rlvr.eval_run import encode_problems
+    from rlvr.eval_run import problems_from_rows
     from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer
+    from rlvr.prompts import encode_problems
 
     tok = load_tokenizer(str(tiny_model_dir))
     policy = load_policy(str(tiny_model_dir), torch.device("cpu"), False)
     engine = HFEngine(policy, tok, eos_token_ids(policy, tok))
     rows = select_subset(load_eval_set("math500", str(data_root)), 2, seed=0)
-    res = run_eval(engine, grader, encode_problems(rows, tok, "paper"), n=2, temperature=1.0,
-                   top_p=1.0, max_tokens=3, seed=0, progress=None)
+    enc = encode_problems(rows, tok, "paper")
+    problems = problems_from_rows(enc.rows, enc.prompt_ids)
+    assert [(p.id, p.dataset) for p in problems] == [(r["id"], "math500") for r in rows]
+    res = run_eval(engine, grader, problems, n=2, temperature=1.0, top_p=1.0, max_tokens=3,
+                   seed=0, progress=None)
     m = training_eval_metrics(res)
     for key in ("pass@1", "pass@1_se", "pass@2", "pass@2_se", "n_problems",
                 "n_samples_per_problem", "grade_timeouts", "no_box_frac", "response_len",
@@ -215,21 +219,21 @@ def test_hf_engine_in_loop_metrics(tiny_model_dir, grader, data_root):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A MATH_experiment.py-style run directory with one checkpoint of a perturbed tiny model."""
+    """A MATH_experiment.py-style run directory with one checkpoint of a perturbed tiny model,
+    written by the training loop's own checkpoint writer."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlvr.checkpoint import POLICY
-    from rlvr.tensor_io import write_safetensors
+    from rlvr.checkpoint import save_checkpoint
 
     run = tmp_path_factory.mktemp("runs") / "tiny_NSR_s1"
-    ckpt = run / "checkpoints" / "step_1"
-    ckpt.mkdir(parents=True)
+    run.mkdir()
     (run / "config.json").write_text(json.dumps({"model_id": str(tiny_model_dir)}))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    state = {k: v + 0.01 for k, v in model.state_dict().items()}
-    write_safetensors(ckpt / POLICY, state, {"format": "pt"})  # the checkpoint's weights file
-    torch.save({"step": 1}, ckpt / "state.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    save_checkpoint(run, 1, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
     return run
 
 
@@ -317,17 +321,23 @@ def test_resume_after_an_interrupted_write(finished, capsys, monkeypatch):
     assert summary["results"] == json.loads(json.dumps(summarize_records(records)))
 
 
-def test_resume_after_a_kill(tmp_path, tiny_model_dir, data_root, capsys):
+def test_resume_after_a_kill_equals_the_uninterrupted_evaluation(tmp_path, tiny_model_dir,
+                                                                  data_root, capsys):
     """SIGKILL the script once its first chunk is on disk, then re-run: the finished problems
-    are kept as they are, the rest are done once, and no line is duplicated."""
+    are kept as they are, the rest are done once, and samples.jsonl is byte for byte the one an
+    uninterrupted evaluation with the same --seed writes (each problem's samples depend only on
+    the seed, its dataset and its id)."""
     import signal
     import time
 
+    def args(out: Path) -> list[str]:
+        return ["--model_id", str(tiny_model_dir), "--datasets", "amc23", "--data_root",
+                str(data_root), "--limit", "6", "--n", "2", "--max_tokens", "4", "--backend",
+                "hf", "--grader_workers", "1", "--chunk_samples", "2", "--seed", "3",
+                "--out", str(out)]
+
     out = tmp_path / "out"
-    args = ["--model_id", str(tiny_model_dir), "--datasets", "amc23", "--data_root",
-            str(data_root), "--limit", "6", "--n", "2", "--max_tokens", "4", "--backend", "hf",
-            "--grader_workers", "1", "--chunk_samples", "2", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *args(out)], cwd=REPO,
                             env=_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -338,14 +348,16 @@ def test_resume_after_a_kill(tmp_path, tiny_model_dir, data_root, capsys):
     proc.wait()
     before, _ = read_jsonl(out / SAMPLES)
     assert before, "the script died before writing its first chunk"
-    assert _evaluate_module().main(args) == 0
+    assert _evaluate_module().main(args(out)) == 0
     records, torn = read_jsonl(out / SAMPLES)
     keys = [(r["problem_id"], r["sample"]) for r in records]
     assert not torn and len(keys) == len(set(keys)) == 6 * 2
     done_before = {r["problem_id"] for r in before}
     assert records[:len(before)] == before  # kept, not redone
     timing, _ = read_jsonl(out / "timing.jsonl")
-    assert timing[-1]["problems"] == 6 - len(done_before)
+    assert timing[-1]["problems"] == 6 - len(done_before) < 6
+    assert _evaluate_module().main(args(tmp_path / "straight")) == 0
+    assert (out / SAMPLES).read_bytes() == (tmp_path / "straight" / SAMPLES).read_bytes()
     capsys.readouterr()
 
 
@@ -371,6 +383,51 @@ def test_eval_report_for_plot_results(finished, tmp_path):
     assert "### math500" in md and "eval_pass_at_k.png" in md
 
 
+def test_every_table_and_figure_says_how_big_each_eval_was(finished):
+    """pass@1 0.0 from 2 problems x 2 samples must not read like certainty: the tables and each
+    panel of the figure state problems x samples, and a line of zeros stays above the axis."""
+    from rlvr.eval_report import (
+        build_summary,
+        format_summary_table,
+        pass_at_k_figure,
+        results_markdown,
+    )
+
+    tmp, _, _ = finished
+    out = tmp / "out"
+    summary = build_summary(out, json.loads((out / "eval_config.json").read_text()))
+    md = results_markdown(summary)
+    assert "| model | problems × samples | pass@1 |" in md and "| 2 × 2 |" in md
+    assert "problems × samples" in format_summary_table(summary)
+    fig = pass_at_k_figure([("out", summary)])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["math500: 2 problems × 2 samples", "amc23: 2 problems × 2 samples"]
+    assert all(ax.get_ylim()[0] < 0 for ax in fig.axes)
+
+
+def test_the_timing_line_claims_no_grading_rate_when_nothing_was_graded():
+    from rlvr.eval_report import format_summary_table
+
+    line = {"samples": 48, "wall_s": 60.0, "gen_tokens_per_s": 100.0, "grade_wait_s": 0.0,
+            "grade_timeouts": 0, "grade_s": 0.0003}
+    text = format_summary_table({"results": {}, "timing": {"m": {"d": {
+        **line, "graded": 0, "graded_samples_per_s": None}}}})
+    assert "nothing graded (no sample has a \\boxed{} answer)" in text
+    assert "samples/s" not in text
+
+
+def test_grading_rate_counts_only_the_samples_math_verify_graded(tmp_path):
+    from rlvr.eval_report import TIMING, _timing
+
+    seg = {"model": "m", "dataset": "d", "problems": 6, "samples": 12, "tokens": 48,
+           "gen_s": 2.0, "grade_s": 0.5, "grade_wait_s": 0.0, "wall_s": 3.0,
+           "grade_timeouts": 0}
+    (tmp_path / TIMING).write_text(json.dumps({**seg, "graded": 0}) + "\n"
+                                   + json.dumps({**seg, "graded": 4}) + "\n")
+    t = _timing(tmp_path)["m"]["d"]
+    assert (t["graded"], t["samples"], t["graded_samples_per_s"]) == (4, 24, 4 / 1.0)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 
@@ -389,7 +446,8 @@ BAD = {
     "top_p > 1": (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
     "max_tokens": (["--max_tokens", "0"], "--max_tokens must be >= 1"),
     "limit": (["--limit", "0"], "--limit must be >= 1"),
-    "greedy n": (["--temperature", "0"], "use it with --n 1"),
+    "greedy n": (["--temperature", "0"], "--temperature 0 is greedy, one sample per problem, "
+                 "but --n is 256; pass --n 1"),
 }
 
 
@@ -411,6 +469,7 @@ def test_bad_models_data_and_out_dirs_are_one_line_errors(tmp_path, tiny_model_d
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "x.txt").write_text("x")
     (tmp_path / "empty_root").mkdir()
+    (tmp_path / "f").write_text("a file where --out wants a directory")
     base = ["--data_root", str(DATA_ROOT), "--datasets", "amc23"]
     cases = [
         (["--model_id", "./no/such/model", *base], "not found"),
@@ -421,7 +480,10 @@ def test_bad_models_data_and_out_dirs_are_one_line_errors(tmp_path, tiny_model_d
         (["--model_id", str(tiny_model_dir), "--checkpoint", "step_1", *base],
          "--checkpoint applies to run directories"),
         (["--model_id", str(tiny_model_dir), "--data_root", str(tmp_path / "empty_root")],
-         "MATH500/test.jsonl not found"),
+         "MATH/test.jsonl not found; --data_root must hold MATH/test.jsonl"),
+        (["--model_id", str(tiny_model_dir), *base, "--out", str(tmp_path / "f" / "out")],
+         f"cannot write the output directory {tmp_path / 'f' / 'out'}: {tmp_path / 'f'} is a "
+         "file, not a directory; pass another --out"),
         (["--model_id", str(tiny_model_dir), "--data_root", str(tmp_path / "nowhere")],
          "is not a directory"),
         ([*args[:-1], str(tmp_path / "not_a_model")], "not an evaluate.py output directory"),

@@ -1,6 +1,6 @@
-"""The memory plan (rlvr/memory.py, memory_search.py, memory_notes.py): hand-computed sizes,
-the calibration against the GPU measurements of docs/PERFORMANCE.md, choices, refusals. Pure
-arithmetic, fast.
+"""The memory plan (rlvr/memory.py, memory_search.py, memory_notes.py, memory_plan.py):
+hand-computed sizes, the calibration against the GPU measurements of docs/PERFORMANCE.md,
+choices, refusals. Pure arithmetic, fast.
 
 `pytest tests/test_memory.py -s` also prints the plan tables for 0.5B/1.5B/3B/7B x 80/24 GiB.
 """
@@ -22,10 +22,10 @@ from rlvr.memory import (
     kv_tokens_wanted,
     model_shape_from_config,
     param_bytes,
-    plan_memory,
     policy_gib,
     train_tensors_gib,
 )
+from rlvr.memory_plan import plan_memory
 from rlvr.optimizers import OPTIMIZERS
 
 SPECS = OPTIMIZERS  # the optimizers' own byte counts (measured in tests/test_optimizers.py)

@@ -242,3 +242,29 @@ def test_a_model_the_hub_does_not_have_is_named(empty_hub_cache, monkeypatch):
         assert "no such model on the hub" in one_line_error("org/no-such-model")
     finally:
         server.shutdown()
+
+
+def test_the_memory_plan_reads_a_known_models_shape_after_one_bounded_probe(empty_hub_cache,
+                                                                             monkeypatch):
+    """--dry_run with a hub id the hub cannot serve: one probe of the hub (bounded), then the
+    built-in config.json, without handing the hub client its retries."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import rlvr.modeling
+    from rlvr.memory import KNOWN_SHAPES
+    from rlvr.run_setup import read_model_config
+
+    probes = []
+    monkeypatch.setattr(rlvr.modeling, "_probe_hub",
+                        lambda model_id, timeout_s: probes.append(timeout_s) or "no answer")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **k: pytest.fail("the hub client was asked after the probe"))
+    model_cfg, source = read_model_config("Qwen/Qwen2.5-0.5B-Instruct")
+    assert model_cfg == KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"] and "built-in" in source
+    assert probes == [rlvr.modeling.HUB_PROBE_TIMEOUT_S]
+    with pytest.raises(ModelSourceError, match="cannot be reached"):  # no built-in copy
+        read_model_config("org/unknown-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: not even a probe
+    assert read_model_config("Qwen/Qwen2.5-3B-Instruct")[0] == \
+        KNOWN_SHAPES["Qwen/Qwen2.5-3B-Instruct"] and len(probes) == 2

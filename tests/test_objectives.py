@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rlvr.objectives import (
-    clipped_policy_loss,
     compute_advantages,
     finish_mismatch_stats,
     kl_k3,
@@ -64,12 +63,18 @@ def test_bad_objective_and_group_size_raise():
         compute_advantages(CORRECT, "GRPO", group_size=4)  # 6 samples not divisible by 4
 
 
+def token_mean_loss(logp, old_logp, adv, mask, clip_range):
+    """per_token_loss's token mean over the masked tokens: one mini-batch in one micro-batch."""
+    mask = mask.to(logp.dtype)
+    return (per_token_loss(logp, old_logp, adv, clip_range) * mask).sum() / mask.sum()
+
+
 def test_loss_at_ratio_one_is_reinforce_token_mean():
     # two samples, lengths 2 and 3 (padded to 3); ratio 1 everywhere
     logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     adv = torch.tensor([1.0, -1.0])
-    loss = clipped_policy_loss(logp, logp.detach(), adv, mask, clip_range=0.2)
+    loss = token_mean_loss(logp, logp.detach(), adv, mask, clip_range=0.2)
     # per token -A * 1: sample 0 -> -1, -1 ; sample 1 -> +1, +1, +1 ; sum = 1 over 5 tokens
     assert loss.item() == pytest.approx(1 / 5)
 
@@ -78,7 +83,7 @@ def test_loss_gradient_is_advantage_weighted_logprob_gradient():
     logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.7]], requires_grad=True)
     mask = torch.tensor([[1, 1], [1, 0]])
     adv = torch.tensor([2.0, -1.0])
-    clipped_policy_loss(logp, logp.detach(), adv, mask, 0.2).backward()
+    token_mean_loss(logp, logp.detach(), adv, mask, 0.2).backward()
     # d/dlogp of -A * exp(logp - old) at logp = old is -A; token mean over 3 tokens
     assert logp.grad.flatten().tolist() == pytest.approx([-2 / 3, -2 / 3, 1 / 3, 0.0])
 
@@ -87,7 +92,7 @@ def test_clip_binds_for_positive_advantage_above_one_plus_eps():
     old = torch.zeros(1, 2)
     logp = torch.log(torch.tensor([[1.5, 0.9]]))  # ratios 1.5 (clipped to 1.2) and 0.9
     logp.requires_grad_(True)
-    loss = clipped_policy_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2), 0.2)
+    loss = token_mean_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2), 0.2)
     # A>0: min(1.5, 1.2) = 1.2 ; min(0.9, 0.9) = 0.9 -> loss = -(1.2 + 0.9) / 2
     assert loss.item() == pytest.approx(-1.05)
     loss.backward()
@@ -99,29 +104,12 @@ def test_clip_binds_for_negative_advantage_below_one_minus_eps():
     old = torch.zeros(1, 2)
     logp = torch.log(torch.tensor([[0.5, 1.5]]))  # ratios 0.5 (-> 0.8) and 1.5 (unclipped side)
     logp.requires_grad_(True)
-    loss = clipped_policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), 0.2)
+    loss = token_mean_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), 0.2)
     # A<0: -min(-0.5, -0.8) = 0.8 ; -min(-1.5, -1.2) = 1.5 -> loss = (0.8 + 1.5) / 2
     assert loss.item() == pytest.approx(1.15)
     loss.backward()
     # ratio 0.5 is clipped (no gradient); ratio 1.5 stays unclipped for A<0 (pessimistic bound)
     assert logp.grad.flatten().tolist() == pytest.approx([0.0, 0.75])
-
-
-def test_normalizer_makes_micro_batches_sum_to_the_mini_batch_mean():
-    torch.manual_seed(0)
-    logp = torch.randn(4, 5)
-    old = logp + 0.1 * torch.randn(4, 5)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.2])
-    whole = clipped_policy_loss(logp, old, adv, mask, 0.2)
-    n = mask.sum()
-    parts = sum(clipped_policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], 0.2,
-                                    normalizer=n) for i in (0, 2))
-    assert parts.item() == pytest.approx(whole.item())
-    # the mean of micro-batch means would differ (5+2 vs 1+3 tokens)
-    mean_of_means = sum(clipped_policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2],
-                                            mask[i:i + 2], 0.2) for i in (0, 2)) / 2
-    assert mean_of_means.item() != pytest.approx(whole.item())
 
 
 def test_ratio_stats_counts_tokens_outside_the_clip_range():

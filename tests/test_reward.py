@@ -220,3 +220,16 @@ def test_workers_exit_quietly_when_the_parent_is_killed(when, sig):
             pass
         proc.wait()
     assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_the_worker_pool_is_generic_and_gives_failed_tasks_the_default():
+    """rlvr/worker_pool.py knows nothing of grading: any picklable function, and a task whose
+    function raises gets the default (here float division by zero)."""
+    import operator
+
+    from rlvr.worker_pool import TimeoutPool
+
+    with TimeoutPool(operator.truediv, num_workers=1, timeout_s=10.0, default=-1.0) as pool:
+        assert pool.map([(1, 2), (3, 0), (9, 3)]) == ([0.5, -1.0, 3.0], set())
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        TimeoutPool(operator.truediv, num_workers=1, timeout_s=0)

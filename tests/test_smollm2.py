@@ -72,6 +72,7 @@ def test_run_completes_two_steps_with_rewards_and_evals(smollm2_run):
 def test_gguf_is_converted_once_into_the_cache(smollm2_run):
     _, cache, proc = smollm2_run
     assert "[model] converting" in proc.stdout
+    assert "de-quantizing" not in proc.stderr  # the conversion draws no progress bar in the log
     dirs = [d for d in (cache / "gguf").iterdir() if d.is_dir()]
     assert len(dirs) == 1 and dirs[0].name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     converted = dirs[0]
