@@ -445,5 +445,4 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(cfg), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    dist.close()
     return 0

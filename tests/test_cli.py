@@ -21,6 +21,7 @@ def test_refusals_of_a_run_exit_2_in_one_line(tmp_path, capsys):
     cfg = resolve({"output_dir": str(tmp_path), "exp_name": "r", "data_dir": str(tmp_path / "x"),
                    "gpu_memory_gb": None})
     (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text("{}")  # a run was here
     for refuse in (lambda: load_data(cfg), lambda: claim_or_exit(cfg.run_dir, cfg.resume),
                    lambda: chosen_plan(cfg, 100)):  # no --gpu_memory_gb and no GPU here
         with pytest.raises(SystemExit) as e:

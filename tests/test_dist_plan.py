@@ -22,10 +22,10 @@ from rlvr.memory import (
     fsdp_gathered_bytes,
     kv_bytes_per_rank_token,
     model_shape_from_config,
-    plan_memory,
     policy_gib,
     vllm_weights_gib,
 )
+from rlvr.memory_plan import plan_memory
 from rlvr.optimizers import OPTIMIZERS
 from rlvr.run_setup import workload
 from rlvr.training import GlobalBatch, UpdateSettings, rank_micro_batches

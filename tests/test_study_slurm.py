@@ -52,46 +52,55 @@ def test_a_job_array_with_a_preempted_task_that_resumes(slurm, tiny_model_dir, t
            "--data_dir", str(tiny_data_dir)]
     runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
-    name = f"{tiny_model_dir.name}_NSR_s1"
-    run = study / "runs" / name
+    try:
+        name = f"{tiny_model_dir.name}_NSR_s1"
+        run = study / "runs" / name
 
-    def first_checkpoint():
-        """the run's first checkpoint"""
-        return (run / "checkpoints" / "step_1").is_dir() or (run / "checkpoints" /
-                                                               "step_2").is_dir()
+        def first_checkpoint():
+            """the run's first checkpoint"""
+            return (run / "checkpoints" / "step_1").is_dir() or (run / "checkpoints" /
+                                                                   "step_2").is_dir()
 
-    wait_for(first_checkpoint)
-    task = json.loads((study / "slurm" / "jobs.json").read_text())[name]
-    subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=60)
+        wait_for(first_checkpoint)
+        task = json.loads((study / "slurm" / "jobs.json").read_text())[name]
+        subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=60)
 
-    def requeued():
-        """the preempted task back in the queue"""
-        out = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", task.split("_")[0]],
-                             capture_output=True, text=True, timeout=60).stdout
-        return "BeginTime" in out
+        def requeued():
+            """the preempted task back in the queue"""
+            out = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", task.split("_")[0]],
+                                 capture_output=True, text=True, timeout=60).stdout
+            return "BeginTime" in out
 
-    wait_for(requeued)
-    # Slurm holds a requeued task for two minutes before it may start again: not what is tested
-    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True,
-                   timeout=60)
-    out, _ = runner.communicate(timeout=300)
-    assert runner.returncode == 0, out[-3000:]
-    assert "submitted 2 job(s) to Slurm" in out
-    assert rd.run_state(run) == "done" and rd.run_state(study / "runs" /
-                                                        f"{tiny_model_dir.name}_NSR_s2") == "done"
-    log = (study / "logs" / f"{name}.log").read_text()
-    assert "interrupted" in log and "[resume] continuing" in log and log.count("step 4/4") == 1
+        wait_for(requeued)
+        # Slurm holds a requeued task for two minutes before it may start again: not what is tested
+        subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True,
+                       timeout=60)
+        out, _ = runner.communicate(timeout=300)
+        assert runner.returncode == 0, out[-3000:]
+        assert "submitted 2 job(s) to Slurm" in out
+        other = study / "runs" / f"{tiny_model_dir.name}_NSR_s2"
+        assert rd.run_state(run) == "done" and rd.run_state(other) == "done"
+        log = (study / "logs" / f"{name}.log").read_text()
+        assert "interrupted" in log and "[resume] continuing" in log and log.count("step 4/4") == 1
 
-    def attempts():
-        """the task's own end record (it may still be closing when the runner sees DONE)"""
-        recs = [json.loads(x) for x in (study / "attempts.jsonl").read_text().splitlines()]
-        mine = [a for a in recs if a["job"] == name]
-        return mine if len(mine) >= 4 else None
+        def attempts():
+            """the task's own end record (it may still be closing when the runner sees DONE)"""
+            recs = [json.loads(x) for x in (study / "attempts.jsonl").read_text().splitlines()]
+            mine = [a for a in recs if a["job"] == name]
+            return mine if len(mine) >= 4 else None
 
-    mine = wait_for(attempts, 60)
-    assert [(a["event"], a.get("stopped"), a.get("resume")) for a in mine] == [
-        ("start", None, False), ("end", True, None), ("start", None, True), ("end", None, None)]
-    assert all(a["gpu"] == f"slurm:{task}" for a in mine)
+        mine = wait_for(attempts, 60)
+        assert [(a["event"], a.get("stopped"), a.get("resume")) for a in mine] == [
+            ("start", None, False), ("end", True, None), ("start", None, True), ("end", None, None)]
+        # a requeued array task may come back under a job id of its own (Slurm splits it off)
+        now = json.loads((study / "slurm" / "jobs.json").read_text())[name]
+        assert mine[0]["gpu"] == f"slurm:{task}" and mine[-1]["gpu"] == f"slurm:{now}"
+    finally:  # a failed test must leave no job behind to hold the node for the next one
+        runner.kill()
+        jobs = study / "slurm" / "jobs.json"
+        if jobs.is_file():
+            ids = {i.split("_")[0] for i in json.loads(jobs.read_text()).values()}
+            subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60)
     status = subprocess.run([sys.executable, str(REPO / "run_study.py"), "--status", str(study)],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert "2/2 done, 0 failed" in status.stdout
