@@ -62,6 +62,7 @@ class EngineProcess:
         child.close()
         self._next, self._answers = 0, {}
         self._buffer: torch.Tensor | None = None
+        self._ipc: bool | None = None  # whether CUDA IPC works between the two (tried once)
         # the engine's answer to "ready": its name, and the dtype it takes weights in (vLLM bf16;
         # the HF engine its model's own, so that it samples exactly as the trainer's copy would)
         self.name, self.weights_dtype = self.result(self._ticket())
@@ -103,18 +104,33 @@ class EngineProcess:
         first = next(weights, None)
         if first is None:
             return
-        if first[1].is_cuda:
+        if first[1].is_cuda and self._ipc_works():
             self._load_by_ipc(first, weights)
-        else:
-            self.result(self.submit("weights", tensors=[first, *weights]))
+        else:  # through the pipe, on the host
+            self.result(self.submit("weights", tensors=[(n, t.detach().cpu())
+                                                        for n, t in [first, *weights]]))
+
+    def _ipc_works(self) -> bool:
+        """Whether the engine process can map this process's GPU memory (CUDA IPC: not every
+        container runtime allows it): tried once, with the transfer buffer itself."""
+        if self._ipc is None:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            try:
+                self._buffer = torch.empty(IPC_BUFFER_BYTES, dtype=torch.uint8, device="cuda")
+                self._buffer[:8] = torch.arange(8, dtype=torch.uint8)
+                torch.cuda.current_stream().synchronize()
+                self._handle = reduce_tensor(self._buffer)[1]
+                self._ipc = self.result(self.submit("ipc_probe", handle=self._handle)) == 28
+            except (RuntimeError, EngineProcessError) as e:
+                print(f"note: the engine process cannot map this process's GPU memory "
+                      f"({str(e).strip().splitlines()[-1]}): weights go through the host",
+                      flush=True)
+                self._ipc, self._buffer = False, None
+        return self._ipc
 
     def _load_by_ipc(self, first: tuple[str, torch.Tensor],
                      rest: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        if self._buffer is None:
-            self._buffer = torch.empty(IPC_BUFFER_BYTES, dtype=torch.uint8, device="cuda")
-            self._handle = reduce_tensor(self._buffer)[1]
         chunk, used = [], 0
         for name, t in [first, *rest]:  # one tensor at a time: the iterator may gather shards
             flat = t.detach().contiguous().view(-1).view(torch.uint8)
@@ -220,7 +236,7 @@ def _answer(engine, grader, buffers: dict, kind: str, payload: dict):
     if kind == "weights":
         _load(engine, payload["tensors"])
         return None
-    if kind == "weights_ipc":
+    if kind in ("weights_ipc", "ipc_probe"):
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
         if "ipc" not in buffers:  # the trainer's one buffer, mapped once
@@ -228,6 +244,8 @@ def _answer(engine, grader, buffers: dict, kind: str, payload: dict):
             args[6] = torch.cuda.current_device()  # the storage device, as numbered here
             buffers["ipc"] = rebuild_cuda_tensor(*args)
         buf = buffers["ipc"]
+        if kind == "ipc_probe":  # the trainer wrote 0..7 there
+            return int(buf[:8].sum())
         _load(engine, [(name, buf[start:start + size].view(getattr(torch, dtype)).view(shape))
                        for name, start, size, dtype, shape in payload["chunk"]])
         torch.cuda.synchronize()  # copied out before the trainer writes the next chunk

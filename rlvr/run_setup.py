@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -237,7 +238,7 @@ def _first_fit(cfg: Config, eval_problems: int, fsdp: bool,
             if i == len(engines) - 1:
                 raise
         print("note: no room for a concurrent eval engine in this budget: the evals run on the "
-              "rollout engine, the trainer waiting", flush=True)
+              "rollout engine, the trainer waiting", file=sys.stderr, flush=True)
     raise AssertionError("unreachable")
 
 
