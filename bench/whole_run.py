@@ -6,12 +6,14 @@
 
 Runs the product's loop in this process (the memory plan decides everything it decides for a
 user) with the published settings unless flags say otherwise: W_REINFORCE (every sample trains),
-64 x 512-token rollouts, eval every 5 steps. Reads metrics.jsonl back and prints one table: median
-s/step and phases after the first two steps, eval time, start-up, the end-of-run save, this
-process's GPU memory peak per step as the driver counts it (nvidia-smi's per-process figure) and
-whether it stays flat after the first eval, and the projected wall time of the published 80-step
-run with 9 evals. Random weights run every response to the limit (the worst case); --length_mix
-draws real-looking lengths instead (bench/length_mix.py).
+64 x 512-token rollouts, eval every 10 steps on the whole eval set. Reads metrics.jsonl back and
+prints one table: median s/step and phases after the first two steps, eval time (and, for
+concurrent evals, the trainer's wait for them), start-up, the end-of-run save, this process's GPU
+memory peak per step as the driver counts it (nvidia-smi's per-process figure) and whether it
+stays flat after the first eval, and the projected wall time of the published 80-step run with 9
+evals, from this run's own evals (the line says so when they were limited by --eval_limit).
+Random weights run every response to the limit (the worst case); --length_mix draws real-looking
+lengths instead (bench/length_mix.py).
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
             "time/sync_s", "train/response_len", "mem/peak_gb")
     med = {k.replace("/", "_"): statistics.median(ln[k] for ln in timed_steps) for k in keys}
     eval_s = statistics.median(ln["time/eval_s"] for ln in evals[1:] or evals)
-    loop_s = sum(ln["time/step_s"] for ln in steps) + sum(ln["time/eval_s"] for ln in evals)
+    # what the trainer spent on each eval: all of it when it waited, the hand-over and any
+    # wait for a concurrent one (the last eval, which ends the run, it waits for in full)
+    waits = [ln.get("time/eval_wait_s", ln["time/eval_s"]) for ln in evals]
+    wait_s = statistics.median(waits[:-1] or waits)
+    loop_s = sum(ln["time/step_s"] for ln in steps) + sum(waits)
     save_s = sum(saves.values())
     startup_s = wall - loop_s - save_s
     proc = [ln.get("mem/process_peak_gb") or ln.get("mem/eval_process_peak_gb") for ln in lines]
@@ -62,14 +68,16 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
     after = [p for ln, p in zip(lines[first_eval_after:], proc[first_eval_after:]) if p]
     return {
         "steps": len(steps), "evals": len(evals), "wall_s": wall, "startup_s": startup_s,
-        "final_save_s": save_s, "eval_s": eval_s, **med,
+        "final_save_s": save_s, "eval_s": eval_s, "eval_wait_s": wait_s,
+        "last_eval_wait_s": waits[-1], **med,
         "process_peak_gib": max(proc) if proc else None,
         "process_peak_series_gib": [round(p, 2) for p in proc],
         # flat: the peak after the first eval is not above the peak up to it (+3%: the rollout's
         # and update's allocations vary a little with the batch)
         "flat_after_first_eval": (max(after) <= 1.03 * max(proc[:first_eval_after + 1])
                                   if after and proc else None),
-        "projected_80_steps_9_evals_s": 80 * med["time_step_s"] + 9 * eval_s + startup_s + save_s,
+        "projected_80_steps_9_evals_s": (80 * med["time_step_s"] + 8 * wait_s + waits[-1]
+                                         + startup_s + save_s),
     }
 
 
@@ -91,7 +99,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     name = f"whole_{args.shape}_{int(time.time())}"
     flags = ["--model_id", str(model_dir), "--objective", "W_REINFORCE", "--n_train_steps",
-             str(args.steps), "--eval_every", "5", "--save_every", "0", "--data_dir",
+             str(args.steps), "--eval_every", "10", "--save_every", "0", "--data_dir",
              args.data_dir, "--output_dir", args.runs_dir, "--exp_name", name, *args.extra]
     print("$ MATH_experiment.py", " ".join(flags), flush=True)
 
@@ -136,12 +144,18 @@ def main() -> None:
           f"{plan.get('sleep')}, micro-batch {plan.get('micro_batch_tokens')} tokens, planned "
           f"peak {plan.get('planned_peak_gib')} GiB")
     for k in ("time_step_s", "time_rollout_s", "time_reward_s", "time_train_s", "time_update_s",
-              "time_sync_s", "eval_s", "startup_s", "final_save_s", "train_response_len",
+              "time_sync_s", "eval_s", "eval_wait_s", "last_eval_wait_s", "startup_s",
+              "final_save_s", "train_response_len",
               "mem_peak_gb", "process_peak_gib", "checkpoint_gb", "final_model_gb",
               "projected_80_steps_9_evals_s"):
         v = r[k]
         print(f"  {k:<30} {v:>10.2f}" if isinstance(v, float) else f"  {k:<30} {v!s:>10}")
     print(f"  {'flat after first eval':<30} {r['flat_after_first_eval']!s:>10}")
+    limited = cfg.get("eval_limit")
+    which = f"LIMITED evals (--eval_limit {limited})" if limited else "full evals"
+    problems = max(ln.get("eval/n_problems", 0) for ln in lines)
+    print(f"  projection from {which} of {problems:.0f} problems x {cfg.get('eval_n')} samples; "
+          f"the run itself: {wall:.0f} s for {r['steps']} steps and {r['evals']} evals")
     print(f"  per-record process peak (GiB): {r['process_peak_series_gib']}")
     for key in ("time/rollout_s", "time/train_s", "time/step_s"):
         print(f"  {key} per step: {[round(ln[key], 2) for ln in lines if key in ln]}")

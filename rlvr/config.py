@@ -121,6 +121,19 @@ class Config:
                         choices=("auto", "vllm", "hf"))
     vllm_max_num_seqs: int = _opt(512, "most sequences vLLM decodes at once (512 = its largest "
                                        "CUDA-graph batch; bigger batches run without graphs)")
+    concurrent_eval: str = _opt("auto", "run the in-loop evals on a second engine in a process of "
+                                        "its own, on a copy of the step's weights, while training "
+                                        "goes on (the same records as a blocking eval); auto = "
+                                        "on a GPU with vLLM, one process, where the memory plan "
+                                        "fits the second engine", choices=("auto", "true", "false"))
+    eval_max_num_seqs: int = _opt(1024, "most sequences the concurrent eval engine decodes at "
+                                        "once (its KV cache and CUDA graphs are sized for them)")
+    async_rollout: bool = _opt(False, "one-step-off-policy rollouts: the rollout engine (in a "
+                                      "process of its own) generates step t+1's batch with the "
+                                      "weights of step t-1 while step t's update runs, so every "
+                                      "step after the first trains on samples one update stale; "
+                                      "turns on --rollout_is tis unless --rollout_is is given "
+                                      "(README: what it changes)")
     grader_workers: int | None = _opt(None, "math-verify worker processes (default: min(8, cpus))")
     grade_timeout_s: float = _opt(5.0, "per-sample grading time limit; a timeout counts as wrong")
     # --- data and outputs
@@ -165,6 +178,7 @@ class Config:
     def validate(self) -> str | None:
         """The first inconsistent or out-of-range setting, as a one-line message; None if fine."""
         positive_ints = ("max_tokens", "rollout_batch_size", "rollouts_per_prompt",
+                         "eval_max_num_seqs",
                          "max_prompt_tokens", "eval_every", "eval_n", "vllm_max_num_seqs",
                          "rollout_tp",
                          "mini_batch_size", "micro_batch_tokens", "eval_limit", "eval_max_tokens",
@@ -232,6 +246,9 @@ class Config:
         if world_size % tp or gpus_per_node % tp:
             return (f"--rollout_tp {tp} must divide the GPUs: {world_size} in the job, "
                     f"{gpus_per_node} per node (a tensor-parallel engine stays on one node)")
+        if (self.async_rollout or self.concurrent_eval == "true") and world_size > 1:
+            flag = "--async_rollout" if self.async_rollout else "--concurrent_eval true"
+            return f"{flag} runs in one process (one GPU); leave it out under torchrun"
         if self.prompts_per_step % world_size:
             return (f"{self.prompts_per_step} prompts per step (--rollout_batch_size "
                     f"{self.rollout_batch_size} / --rollouts_per_prompt "
@@ -280,7 +297,7 @@ RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature",
                     "gpu_mem_util", "vllm_sleep", "vllm_max_num_seqs", "output_dir",
                     "logprob_gap_every", "gpu_memory_gb", "host_memory_gb", "micro_batch_tokens",
                     "gradient_checkpointing", "dry_run", "debug", "compile", "rollout_tp",
-                    "plan_json", "study", "study_axes"}
+                    "plan_json", "study", "study_axes", "concurrent_eval", "eval_max_num_seqs"}
 
 
 def _help_text(f: dataclasses.Field) -> str:
@@ -345,7 +362,11 @@ def resolve(explicit: dict, saved: dict | None = None) -> Config:
     """The Config that `explicit` flags give on top of a preset, or on top of a saved run."""
     if saved is None:
         preset = explicit.get("preset", "seed")
-        return Config(**{**PRESETS[preset], **_coerce(explicit)})
+        values = {**PRESETS[preset], **_coerce(explicit)}
+        if values.get("async_rollout") and "rollout_is" not in values:
+            # stale samples uncorrected are reported to make runs collapse
+            values["rollout_is"] = "tis"
+        return Config(**values)
     fixed = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_FIELDS]
     if missing := [k for k in fixed if k not in saved]:
         # today's defaults would silently stand in for settings the run never recorded

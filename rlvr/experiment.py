@@ -6,8 +6,8 @@ Building the run (inputs, memory plan, models, engine, resume) is rlvr/run_setup
 
 from __future__ import annotations
 
+import functools
 import random
-import resource
 import shlex
 import sys
 import time
@@ -22,19 +22,19 @@ from rlvr import dist
 from rlvr.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_policy
 from rlvr.cli import EXIT_INTERRUPTED, fail
 from rlvr.config import Config, parse_config
+from rlvr.engine_process import EngineProcess
 from rlvr.eval_run import (
     EvalProblem,
-    eval_examples,
     problems_from_rows,
-    run_eval,
-    training_eval_metrics,
 )
-from rlvr.evaluation import EVAL_PROBLEMS_FILE, format_eval_table, problem_results
+from rlvr.evaluation import EVAL_PROBLEMS_FILE, format_eval_table
 from rlvr.fsdp import full_tensors
+from rlvr.loop_evals import LoopEvals
 from rlvr.objectives import compute_advantages
 from rlvr.prompts import Problems, encode_problems
 from rlvr.reward import BatchGrader
 from rlvr.rollout import RolloutEngine
+from rlvr.rollout_source import OneStepOff, OnPolicy
 from rlvr.run_dir import Claim, claim_or_exit
 from rlvr.run_setup import (
     Resolved,
@@ -46,7 +46,7 @@ from rlvr.run_setup import (
     write_config,
 )
 from rlvr.sampling import sampling_seed
-from rlvr.tracking import ProcessMemorySampler, RunLogger
+from rlvr.tracking import ProcessMemorySampler, RunLogger, memory_metrics
 from rlvr.training import UpdateBatch, UpdateSettings, policy_update
 
 
@@ -96,6 +96,8 @@ class Run:
     ref_model: torch.nn.Module | None = None  # PolicyLogprobs of the frozen initial policy
     mem_sampler: ProcessMemorySampler | None = None
     history: list = field(default_factory=list)
+    eval_engine: EngineProcess | None = None  # the concurrent eval's (rlvr/loop_evals.py)
+    rollouts: OnPolicy | OneStepOff | None = None  # step 1's source (rlvr/rollout_source.py)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -112,15 +114,21 @@ def wants_sampler_logprobs(cfg: Config, engine_name: str, step: int) -> bool:
     return engine_name != "hf" and every > 0 and (step == 1 or step % every == 0)
 
 
+def rollout_request(run: Run, step: int, idx: list[int]) -> dict:
+    """The generate() call of step `step`'s rollouts of the prompts `idx`."""
+    cfg = run.cfg
+    return dict(prompts=[run.train.prompt_ids[i] for i in idx], n=cfg.rollouts_per_prompt,
+                temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                return_logprobs=wants_sampler_logprobs(cfg, run.engine.name, step),
+                seeds=[sampling_seed(cfg.seed, "train", step, i) for i in idx])
+
+
 def train_step(run: Run, step: int) -> dict[str, float]:
     cfg, k = run.cfg, run.cfg.rollouts_per_prompt
     t = {"start": time.perf_counter()}
     # 1. generate  [dist] this rank's whole prompt groups of the step's global batch
-    idx = dist.shard(run.sampler.next(cfg.prompts_per_step))
-    outs = run.engine.generate([run.train.prompt_ids[i] for i in idx], n=k,
-                               temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                               return_logprobs=wants_sampler_logprobs(cfg, run.engine.name, step),
-                               seeds=[sampling_seed(cfg.seed, "train", step, i) for i in idx])
+    got = run.rollouts.take(step, lambda: dist.shard(run.sampler.next(cfg.prompts_per_step)))
+    idx, outs = got.idx, got.groups
     comps = [c for group in outs for c in group]
     t["rollout"] = time.perf_counter()
     # 2. score
@@ -148,8 +156,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     sample_memory(run)
     t["train"] = time.perf_counter()
     # 5. sync weights into the rollout engine  [dist] FSDP: each parameter gathered on every rank
-    run.engine.load_weights(full_tensors(run.policy))
+    run.rollouts.updated(run.policy)
     t["sync"] = time.perf_counter()
+    upd["train/rollout_staleness"] = step - 1 - got.weights_step  # updates behind (0: on-policy)
     return step_metrics(run, comps, correct, keep, graded, upd, t)
 
 
@@ -198,64 +207,7 @@ def sample_memory(run: Run) -> None:
         run.mem_sampler.sample()
 
 
-def memory_metrics(device: torch.device, sampler: ProcessMemorySampler | None,
-                   planned: float | None = None) -> dict:
-    """GiB. mem/peak_gb: the most torch allocated since the last record (vLLM's sleep-mode pool
-    included); mem/process_peak_gb: this process's peak as the driver counts it (nvidia-smi's
-    per-process figure: torch, vLLM and the CUDA context); mem/device_used_gb: the whole card
-    now. On CPU: the process's peak resident memory."""
-    if device.type != "cuda":
-        return {"mem/peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    free, total = torch.cuda.mem_get_info(device)
-    out = {"mem/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-           "mem/reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
-           "mem/device_used_gb": (total - free) / 2**30}
-    if sampler is not None and (peak := sampler.take_peak_gib()) is not None:
-        out["mem/process_peak_gb"] = peak
-    if planned is not None:
-        out["mem/planned_peak_gb"] = planned
-    torch.cuda.reset_peak_memory_stats(device)
-    return out
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-
-def do_eval(run: Run, logger: RunLogger, at_step: int) -> float:
-    """The shared evaluation path (rlvr/eval_run.py, as evaluate.py) on the eval problems."""
-    cfg = run.cfg
-    t0 = time.perf_counter()
-    greedy = cfg.eval_temperature == 0
-    # [dist] each rollout engine evaluates its share of the problems (the ranks of a
-    # tensor-parallel engine the same share); every rank then holds every record once
-    n_engines, engine = dist.engines(cfg.rollout_tp)
-    result = run_eval(run.engine, run.grader, dist.shard(run.evalset, n_engines, engine),
-                      n=1 if greedy else cfg.eval_n,
-                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                      max_tokens=cfg.eval_max_tokens or cfg.max_tokens, seed=cfg.seed,
-                      progress=sys.stdout, label=f"step {at_step}", model=cfg.model_id)
-    parts = dist.all_gather_objects((result.records, result.n_timeouts))[::cfg.rollout_tp]
-    result.records = [r for records, _ in parts for r in records]
-    result.n_timeouts = sum(n for _, n in parts)
-    metrics = {f"eval/{k}": v for k, v in training_eval_metrics(result).items()}
-    examples = eval_examples(result, cfg.n_eval_examples_logged)
-    metrics["time/eval_s"] = time.perf_counter() - t0
-    # under their own names: the step with the same number logs its own mem/ figures
-    metrics.update({k.replace("mem/", "mem/eval_"): v
-                    for k, v in memory_metrics(run.device, run.mem_sampler).items()})
-    if run.device.type == "cuda":
-        # the sampler's large eval batches leave blocks in torch's cache that the next update
-        # cannot reuse (the step-11 OOM of issue 8 came right after an eval)
-        torch.cuda.empty_cache()
-    logger.problems(at_step, problem_results(result.records))
-    logger.log(at_step, metrics)
-    for i, ex in enumerate(examples):
-        logger.text(f"eval_samples/{i}", ex, at_step)
-    run.history.append((at_step, {k.removeprefix("eval/"): v for k, v in metrics.items()}))
-    print(f"[eval] step {at_step}: pass@1 {metrics['eval/pass@1']:.4f} "
-          f"± {metrics['eval/pass@1_se']:.4f} on {int(metrics['eval/n_problems'])} problems "
-          f"({metrics['time/eval_s']:.1f} s)", flush=True)
-    return metrics["time/eval_s"]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -284,7 +236,7 @@ class Eta:
 
 
 def history_eval_seconds(history: list) -> list[float]:
-    """The measured duration of each eval in a run's eval history (`do_eval`'s records)."""
+    """The measured duration of each eval in a run's eval history (LoopEvals' records)."""
     return [m["time/eval_s"] for _, m in history if "time/eval_s" in m]
 
 
@@ -292,7 +244,7 @@ def checkpoint(run: Run, at_step: int) -> Path:
     """[dist] Collective: every rank calls it (checkpoint.py: who writes what)."""
     try:
         return save_checkpoint(run.cfg.run_dir, at_step, run.policy, run.optimizer,
-                               {"sampler": run.sampler.state(), "generator": run.gen.get_state(),
+                               {"sampler": run.rollouts.cursor(), "generator": run.gen.get_state(),
                                 "eval_history": run.history, "world_size": dist.world().size})
     except (OSError, RuntimeError) as e:  # a full disk is named as such by save_checkpoint
         fail(f"could not write the step-{at_step} checkpoint under {run.cfg.run_dir}: "
@@ -319,7 +271,8 @@ def restore(run: Run) -> int:
     run.history = state["eval_history"]
     run.sampler = PromptSampler(len(run.train.rows), cfg.seed, **state["sampler"])
     run.gen.set_state(state["generator"])
-    run.engine.load_weights(full_tensors(run.policy))
+    run.engine.load_weights(full_tensors(run.policy, getattr(run.engine, "weights_dtype",
+                                                             torch.bfloat16)))
     print(f"[resume] continuing {cfg.run_name} from step {state['step']} ({ckpt})", flush=True)
     return state["step"]
 
@@ -352,7 +305,17 @@ def build(cfg: Config) -> Run:
                train, eval_problems(eval_rows, tokenizer, cfg), mem,
                PromptSampler(len(train.rows), cfg.seed), torch.Generator().manual_seed(cfg.seed),
                UpdateSettings.for_run(cfg, mem, tokenizer.pad_token_id, device), models.reference,
-               ProcessMemorySampler() if device.type == "cuda" else None)
+               ProcessMemorySampler() if device.type == "cuda" else None,
+               eval_engine=models.eval_engine)
+
+
+def rollout_source(run: Run, step: int) -> OnPolicy | OneStepOff:
+    """Step 1's source from step `step` on (after the restore): on-policy, or one step off."""
+    request = functools.partial(rollout_request, run)
+    if not run.cfg.async_rollout:
+        return OnPolicy(run.engine, request, run.sampler)
+    return OneStepOff(run.engine, request, run.sampler, run.cfg.n_train_steps,
+                      run.engine.weights_dtype, loaded_step=step)
 
 
 def run(cfg: Config) -> dict:
@@ -381,15 +344,18 @@ def train(cfg: Config, claim: Claim) -> dict:
           f"{r.mem.optim}, {len(r.train.rows)} train prompts "
           f"({r.train.n_skipped} skipped), {len(r.evalset)} eval problems", flush=True)
     eta = Eta(cfg, step, history_eval_seconds(r.history))
+    r.rollouts = rollout_source(r, step)
+    evals = LoopEvals(r, logger, r.eval_engine)  # blocking, or concurrent on its own engine
     try:
         if step == 0 and not r.history:
-            eta.evals.append(do_eval(r, logger, 0))
+            evals.start(0)
         nonfinite_streak = 0
         while step < cfg.n_train_steps:
             step += 1
             metrics = train_step(r, step)
             logger.log(step, metrics)
             eta.steps.append(metrics["time/step_s"])
+            eta.evals += evals.collect()
             print(f"step {step}/{cfg.n_train_steps} | reward {metrics['train/reward_mean']:.3f} "
                   f"| kept {metrics['train/samples_kept']}/{cfg.rollout_batch_size} "
                   f"| loss {metrics['train/loss']:.4g} | clip {metrics['train/clip_frac']:.3f} "
@@ -402,9 +368,11 @@ def train(cfg: Config, claim: Claim) -> dict:
                      f"step {step}; checkpoint saved, run stopped); start a new run with a lower "
                      "--lr or --max_grad_norm")
             if step % cfg.eval_every == 0 or step == cfg.n_train_steps:
-                eta.evals.append(do_eval(r, logger, step))
+                evals.start(step)
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.n_train_steps:
+                eta.evals += evals.collect(wait=True)  # a checkpoint holds every eval up to it
                 checkpoint(r, step)
+        evals.collect(wait=True)  # the last eval ends the run
         last = checkpoint(r, step)
         try:  # adamw_kahan: hard-links the checkpoint's bf16 weights
             save_final_policy(cfg.run_dir, r.policy, r.tokenizer, checkpoint=last)
@@ -412,6 +380,8 @@ def train(cfg: Config, claim: Claim) -> dict:
             fail(f"could not write the final model under {cfg.run_dir}: "
                  f"{str(e).splitlines()[0]}; free disk space, then re-run with --resume")
     finally:
+        evals.close()
+        r.rollouts.close()
         r.grader.close()
         logger.close()
     print(f"\n{cfg.run_name}: eval summary\n{format_eval_table(r.history)}", flush=True)

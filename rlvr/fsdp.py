@@ -61,13 +61,14 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def full_tensors(causal_lm: torch.nn.Module,
-                 dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, whole tensor in `dtype`) of each parameter, one at a time, for the rollout
-    engine's load_weights. A sharded parameter's shard is cast first and then gathered: a
-    collective, issued in the same (named_parameters) order on every rank, so every rank must
-    consume the whole iterator or none of it; one parameter's copy is alive at a time."""
+def full_tensors(causal_lm: torch.nn.Module, dtype: torch.dtype | None = torch.bfloat16
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, whole tensor in `dtype`, None: as trained) of each parameter, one at a time,
+    for the rollout engine's load_weights. A sharded parameter's shard is cast first and then
+    gathered: a collective, issued in the same (named_parameters) order on every rank, so every
+    rank must consume the whole iterator or none of it; one parameter's copy is alive at a
+    time."""
     for name, p in causal_lm.named_parameters():
-        t = p.detach().to(dtype)
+        t = p.detach() if dtype is None else p.detach().to(dtype)
         yield name, t.full_tensor() if isinstance(t, DTensor) else t
 

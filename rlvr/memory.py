@@ -59,6 +59,8 @@ KV_MIN_CONCURRENT_SEQS = 32
 
 # --- process-wide -----------------------------------------------------------------------------
 CUDA_CONTEXT_GIB = 0.6          # CUDA context + cuBLAS workspaces, seen by nvidia-smi, not torch
+# The trainer's buffer for weights sent to an engine process (rlvr/engine_process.py).
+ENGINE_TRANSFER_GIB = 0.5
 # Allocator fragmentation, as a share of what is allocated anew every step (gradients,
 # activations, logits, autocast copies); weights and optimizer state are allocated once. This
 # assumes allocator hygiene (state allocated up front, empty_cache() between phases).
@@ -191,6 +193,11 @@ class Workload:
     # replicated (DDP); one vLLM engine spans `rollout_tp` GPUs (tensor parallel).
     fsdp_shards: int | None = None
     rollout_tp: int = 1
+    # Engine processes (rlvr/engine_process.py): a second engine that evaluates concurrently,
+    # decoding up to this many sequences at once (None: evals run on the rollout engine); and
+    # the rollout engine in a process of its own for one-step-off rollouts (it never sleeps).
+    eval_engine_seqs: int | None = None
+    async_rollout: bool = False
 
     @property
     def max_model_len(self) -> int:
@@ -285,10 +292,33 @@ def _blocks(tokens: int) -> int:
 
 
 def kv_tokens_wanted(wl: Workload) -> int:
-    """KV tokens for the rollouts or the eval at full concurrency, and one longest sequence."""
+    """KV tokens for the rollouts or the eval at full concurrency (the eval: where it runs on
+    the rollout engine), and one longest sequence."""
     rollout = min(wl.rollout_seqs, wl.max_num_seqs) * wl.max_train_seq
-    evals = min(wl.max_num_seqs, wl.eval_seqs) * (wl.typical_prompt_tokens + wl.eval_max_tokens)
+    evals = (0 if wl.eval_engine_seqs else min(wl.max_num_seqs, wl.eval_seqs)
+             * (wl.typical_prompt_tokens + wl.eval_max_tokens))
     return _blocks(max(rollout, evals, wl.max_model_len))
+
+
+def eval_engine_kv_tokens(wl: Workload) -> int:
+    """The concurrent eval engine's KV cache: its decode concurrency at typical length."""
+    seqs = min(wl.eval_engine_seqs or 0, wl.eval_seqs)
+    return _blocks(max(seqs * (wl.typical_prompt_tokens + wl.eval_max_tokens), wl.max_model_len))
+
+
+def engine_processes_gib(shape: ModelShape, wl: Workload) -> float:
+    """What engine processes add on the card, in every phase (they never sleep): a concurrent
+    eval engine's bf16 weights, KV cache, overhead and CUDA context; the CUDA context of a
+    rollout engine in its own process (its weights and KV cache are the vLLM rows); and the
+    trainer's transfer buffer for either."""
+    gib = 0.0
+    if wl.eval_engine_seqs:
+        gib += (shape.n_params * BF16_BYTES + eval_engine_kv_tokens(wl) * shape.kv_bytes_per_token
+                + min(wl.eval_engine_seqs, wl.eval_seqs) * shape.vocab * SAMPLER_LOGIT_BYTES
+                ) / GIB + VLLM_OVERHEAD_GIB + CUDA_CONTEXT_GIB
+    if wl.async_rollout:
+        gib += CUDA_CONTEXT_GIB
+    return gib + (ENGINE_TRANSFER_GIB if gib else 0.0)
 
 
 def kv_tokens_floor(wl: Workload) -> int:

@@ -13,6 +13,7 @@ from rlvr.memory import (
     PlanError,
     Workload,
     default_optim_specs,
+    eval_engine_kv_tokens,
     kv_bytes_per_rank_token,
 )
 from rlvr.memory_notes import plan_notes, refusal_message
@@ -46,6 +47,8 @@ class MemoryPlan:
     headroom_gib: float
     cpu_gib: float  # optimizer state kept in host memory (adamw_offload)
     notes: tuple[str, ...]
+    # the concurrent eval engine's kv_cache_memory_bytes (None: evals on the rollout engine)
+    eval_kv_cache_bytes: int | None = None
 
     def to_dict(self) -> dict:
         """JSON-safe, for config.json."""
@@ -109,7 +112,9 @@ def _make_plan(req: PlanRequest, e: Candidate, notes: list[str]) -> MemoryPlan:
         rollout_gib=dict(e.rollout), train_gib=dict(e.train), rollout_peak_gib=rollout,
         train_peak_gib=train, planned_peak_gib=peak, budget_gib=req.budget,
         headroom_gib=req.budget - peak, cpu_gib=req.shape.n_params * spec.cpu_bytes / GIB,
-        notes=tuple(notes))
+        notes=tuple(notes),
+        eval_kv_cache_bytes=(eval_engine_kv_tokens(req.wl) * req.shape.kv_bytes_per_token
+                             if req.wl.eval_engine_seqs else None))
 
 
 _ROWS = (  # label, components added up
@@ -125,6 +130,7 @@ _ROWS = (  # label, components added up
     ("vLLM overhead (graphs, sampler)", ("vllm_overhead",)),
     ("vLLM start-up, above optimizer state", ("vllm_startup",)),
     ("CUDA context + fragmentation", ("context", "fragmentation")),
+    ("engine processes (eval engine, transfer buffer)", ("engine_processes",)),
 )
 
 
@@ -140,7 +146,9 @@ def _format_table(p: MemoryPlan) -> str:
     lines = [f"{'GPU memory plan, GiB (budget ' + format(p.budget_gib, '.1f') + ')':<50}"
              f"{'rollout/eval':>13}{'train':>9}"]
     for label, keys in _ROWS:
-        r, t = (sum(d[k] for k in keys) for d in (p.rollout_gib, p.train_gib))
+        r, t = (sum(d.get(k, 0.0) for k in keys) for d in (p.rollout_gib, p.train_gib))
+        if keys == ("engine_processes",) and not r:  # a row only for runs that have them
+            continue
         lines.append(f"  {label.format(**fields):<52}{cell(r)}{cell(t)}")
     lines.append(f"  {'phase total':<52}{cell(p.rollout_peak_gib)}{cell(p.train_peak_gib)}")
     lines.append(f"planned peak {p.planned_peak_gib:.1f} GiB, headroom {p.headroom_gib:.1f} GiB"

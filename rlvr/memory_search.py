@@ -27,6 +27,7 @@ from rlvr.memory import (
     PlanError,
     Workload,
     activation_gib,
+    engine_processes_gib,
     kv_bytes_per_rank_token,
     kv_tokens_floor,
     kv_tokens_wanted,
@@ -119,6 +120,7 @@ def _phases(req: PlanRequest, s: Setting, kv_tokens: int | None) -> tuple[dict, 
     # the optimizer state is allocated only after that (run_setup.load_models) and no sleep/wake
     # has happened yet, so the start-up moment is higher than the steady rollout phase only by
     # what the activations exceed those two by
+    procs = engine_processes_gib(shape, wl)
     rollout = {"weights": pol["weights"], "grads": 0.0, "optimizer": pol["optimizer"],
                "autocast": 0.0, "activations": 0.0, "logits": 0.0, "reference": ref,
                "vllm_weights": vw, "kv_cache": kv, "vllm_overhead": ov,
@@ -127,6 +129,8 @@ def _phases(req: PlanRequest, s: Setting, kv_tokens: int | None) -> tuple[dict, 
     train = {**pol, "activations": act, "logits": logits, "reference": ref,
              "vllm_weights": vw * awake, "kv_cache": kv * awake, "vllm_overhead": ov,
              "vllm_startup": 0.0, "context": CUDA_CONTEXT_GIB, "fragmentation": frag}
+    if procs:  # a component only of the runs that have engine processes
+        rollout["engine_processes"] = train["engine_processes"] = procs
     return rollout, train
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -136,9 +137,10 @@ def read_model_config(model_id: str) -> tuple[dict, str]:
 
 
 def workload(cfg: Config, eval_problems: int, world_size: int = 1,
-             fsdp: bool = False) -> Workload:
+             fsdp: bool = False, eval_engine: bool = False) -> Workload:
     """What one rank needs at once: its engine's share of the rollouts and the eval (one engine
-    per --rollout_tp ranks of a `world_size`-rank job), its policy state sharded under FSDP."""
+    per --rollout_tp ranks of a `world_size`-rank job), its policy state sharded under FSDP, and
+    the engine processes: a concurrent eval engine, the rollout engine of --async_rollout."""
     eval_n = 1 if cfg.eval_temperature == 0 else cfg.eval_n
     engines = max(world_size // cfg.rollout_tp, 1)
     return Workload(rollout_seqs=-(-cfg.rollout_batch_size // engines),
@@ -147,7 +149,9 @@ def workload(cfg: Config, eval_problems: int, world_size: int = 1,
                     eval_max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
                     max_num_seqs=cfg.vllm_max_num_seqs, reference_model=cfg.kl_coef > 0,
                     logit_chunk_tokens=LOGIT_CHUNK_TOKENS,
-                    fsdp_shards=world_size if fsdp else None, rollout_tp=cfg.rollout_tp)
+                    fsdp_shards=world_size if fsdp else None, rollout_tp=cfg.rollout_tp,
+                    eval_engine_seqs=cfg.eval_max_num_seqs if eval_engine else None,
+                    async_rollout=cfg.async_rollout)
 
 
 def card_gib() -> float | None:
@@ -186,10 +190,11 @@ def saved_mode(cfg: Config) -> str | None:
     return _saved(cfg).get("mode")
 
 
-def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False) -> MemoryPlan:
+def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False,
+             eval_engine: bool = False) -> MemoryPlan:
     """The memory plan for one rank of this run on this card (or on --gpu_memory_gb), the
-    policy sharded (FSDP) or not; PlanError with the one-line reason (cause; fix) when there is
-    none."""
+    policy sharded (FSDP) or not, evals on a concurrent engine or not; PlanError with the
+    one-line reason (cause; fix) when there is none."""
     budget = cfg.gpu_memory_gb or card_gib()
     if budget is None:
         raise PlanError("no CUDA GPU here to plan for; pass --gpu_memory_gb (the card's memory "
@@ -204,23 +209,49 @@ def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False) -> MemoryPlan:
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
     forced = {"true": True, "false": False}
     optim = saved_optimizer(cfg) or ("adamw" if fsdp else cfg.optim)
+    wl = workload(cfg, eval_problems, dist.launched().size, fsdp, eval_engine)
     return plan_memory(
-        shape, workload(cfg, eval_problems, dist.launched().size, fsdp), budget, optim=optim,
+        shape, wl, budget, optim=optim,
         gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
-        sleep=forced.get(str(cfg.vllm_sleep).lower(), "auto"),
+        # one-step-off: the rollout engine generates while the update runs, so it never sleeps
+        sleep=False if cfg.async_rollout else forced.get(str(cfg.vllm_sleep).lower(), "auto"),
         micro_batch_tokens=cfg.micro_batch_tokens, gpu_mem_util=cfg.gpu_mem_util,
         host_gib=cfg.host_memory_gb or host_ram_gib())
+
+
+def eval_engine_choices(cfg: Config) -> tuple[bool, ...]:
+    """Whether the plan has a concurrent eval engine: (True,) it must, (False,) it must not,
+    (True, False) where it fits (--concurrent_eval auto, one process)."""
+    if cfg.async_rollout or cfg.concurrent_eval == "true":
+        return (True,)
+    if cfg.concurrent_eval == "false" or dist.launched().size > 1:
+        return (False,)
+    return (True, False)
+
+
+def _first_fit(cfg: Config, eval_problems: int, fsdp: bool,
+               engines: tuple[bool, ...]) -> MemoryPlan:
+    for i, eval_engine in enumerate(engines):
+        try:
+            return plan_for(cfg, eval_problems, fsdp, eval_engine)
+        except PlanError:
+            if i == len(engines) - 1:
+                raise
+        print("note: no room for a concurrent eval engine in this budget: the evals run on the "
+              "rollout engine, the trainer waiting", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def choose_plan(cfg: Config, eval_problems: int) -> tuple[MemoryPlan, bool]:
     """This rank's plan and whether it shards the policy (FSDP): as --fsdp or the resumed run
     say, else replicated (DDP) where that fits and sharded where only that does (a job of
-    several GPUs, exact AdamW), else PlanError with the replicated plan's one-line reason."""
+    several GPUs, exact AdamW), else PlanError with the replicated plan's one-line reason. The
+    plan has a concurrent eval engine (plan.eval_kv_cache_bytes) as eval_engine_choices says."""
     fsdp = cfg.fsdp or saved_mode(cfg) == "fsdp"
     may_shard = (not fsdp and saved_mode(cfg) is None and dist.launched().size > 1
                  and cfg.optim in ("auto", "adamw") and cfg.backend != "hf")
     try:
-        return plan_for(cfg, eval_problems, fsdp), fsdp
+        return _first_fit(cfg, eval_problems, fsdp, eval_engine_choices(cfg)), fsdp
     except PlanError:
         if may_shard:
             try:
@@ -299,9 +330,11 @@ class Resolved:
     # micro-batches packed into one row (varlen attention, no padding): set by load_models
     packed: bool = False
     fsdp: bool = False  # the policy sharded over the job's GPUs (FSDP2), not replicated (DDP)
+    eval_engine: bool = False  # evals on an engine process of their own (rlvr/loop_evals.py)
+    eval_kv_cache_bytes: int | None = None
 
 
-def memory_fraction(plan: MemoryPlan, card: float) -> float:
+def memory_fraction(plan: MemoryPlan, card: float, async_rollout: bool = False) -> float:
     """torch's per-process cap for a budget below the card. torch counts vLLM's weights and KV
     cache as allocated also while vLLM sleeps (their virtual addresses stay in its memory pool,
     only the physical pages go), so in sleep mode the cap adds them back: otherwise a 3B update
@@ -309,21 +342,29 @@ def memory_fraction(plan: MemoryPlan, card: float) -> float:
     budget; while vLLM is awake it allows that much more, and the rollout phase is held to the
     budget by the plan's fixed KV cache size instead."""
     asleep = plan.rollout_gib["vllm_weights"] + plan.rollout_gib["kv_cache"] if plan.sleep else 0.0
-    return min((plan.budget_gib + asleep) / card, 1.0)
+    # what engine processes hold on the card is theirs, not this process's to allocate
+    others = plan.rollout_gib.get("engine_processes", 0.0) + (
+        plan.rollout_gib["vllm_weights"] + plan.rollout_gib["kv_cache"]
+        + plan.rollout_gib["vllm_overhead"] if async_rollout else 0.0)
+    return min((plan.budget_gib + asleep - others) / card, 1.0)
 
 
 def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Resolved:
     if device.type != "cuda":
         gc = {"true": True}.get(str(cfg.gradient_checkpointing).lower(), False)
         optim = CPU_DEFAULTS["optim"] if cfg.optim == "auto" else cfg.optim
-        return Resolved(optim, gc, cfg.micro_batch_tokens or CPU_DEFAULTS["micro_batch_tokens"])
+        return Resolved(optim, gc, cfg.micro_batch_tokens or CPU_DEFAULTS["micro_batch_tokens"],
+                        eval_engine=eval_engine_choices(cfg) == (True,))
     plan, fsdp = chosen_plan(cfg, eval_problems)
     print(plan.format_table(), flush=True)
     budget = cfg.gpu_memory_gb
     if budget is not None and budget < card_gib():
-        torch.cuda.set_per_process_memory_fraction(memory_fraction(plan, card_gib()))
+        torch.cuda.set_per_process_memory_fraction(
+            memory_fraction(plan, card_gib(), cfg.async_rollout))
     return Resolved(plan.optim, plan.gradient_checkpointing, plan.micro_batch_tokens,
-                    plan.sleep, plan.kv_cache_bytes, plan.to_dict(), fsdp=fsdp)
+                    plan.sleep, plan.kv_cache_bytes, plan.to_dict(), fsdp=fsdp,
+                    eval_engine=plan.eval_kv_cache_bytes is not None,
+                    eval_kv_cache_bytes=plan.eval_kv_cache_bytes)
 
 
 # ----------------------------------------------------------------------------- models and engine
@@ -360,13 +401,28 @@ def compile_policy(policy, device: torch.device, sharded: bool = False) -> None:
     compile_logit_head()
 
 
+def start_engine_process(cfg: Config, mem: Resolved, model_dir: str, *, evals: bool):
+    """An engine in a process of its own (rlvr/engine_process.py) as the plan sized it: the
+    concurrent eval engine (with a grader), or the rollout engine of --async_rollout."""
+    from rlvr.engine_process import EngineProcess, EngineSpec
+
+    longest = (cfg.eval_max_tokens or cfg.max_tokens if evals
+               else max(cfg.max_tokens, cfg.eval_max_tokens or 0))
+    return EngineProcess(EngineSpec(
+        backend=cfg.backend, model_dir=model_dir, max_model_len=cfg.max_prompt_tokens + longest,
+        seed=cfg.seed, max_num_seqs=cfg.eval_max_num_seqs if evals else cfg.vllm_max_num_seqs,
+        kv_cache_bytes=mem.eval_kv_cache_bytes if evals else mem.kv_cache_bytes,
+        grader=evals, grader_workers=cfg.grader_workers, grade_timeout_s=cfg.grade_timeout_s))
+
+
 class Models(NamedTuple):
     tokenizer: object
     policy: torch.nn.Module        # the HF model: the HF engine, checkpoints, the sync's names
     trainer: torch.nn.Module       # PolicyLogprobs over it (in DDP, or FSDP2's root unit)
     optimizer: torch.optim.Optimizer
-    engine: RolloutEngine
+    engine: RolloutEngine          # in this process, or (--async_rollout) an engine process
     reference: torch.nn.Module | None  # PolicyLogprobs of the frozen initial policy (--kl_coef)
+    eval_engine: object = None     # the concurrent eval's engine process (rlvr/loop_evals.py)
 
 
 def _trainer(policy: torch.nn.Module, device: torch.device, sharded: bool,
@@ -422,7 +478,10 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
         check_libraries(mem.optim)
     except ValueError as e:
         fail(str(e))
-    engine = build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids)
+    engine = (start_engine_process(cfg, mem, model_dir, evals=False) if cfg.async_rollout
+              else build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids))
+    # started after the rollout engine: two vLLM engines sizing themselves at once mis-size
+    eval_engine = start_engine_process(cfg, mem, model_dir, evals=True) if mem.eval_engine else None
     if device.type == "cuda":
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
         # the policy shares in this process; hand them back before training allocates
@@ -441,4 +500,4 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
         torch.cuda.empty_cache()
     if mem.sleep:
         engine.load_weights(full_tensors(policy))
-    return Models(tokenizer, policy, trainer, optimizer, engine, reference)
+    return Models(tokenizer, policy, trainer, optimizer, engine, reference, eval_engine)

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 from importlib import metadata
@@ -154,3 +155,23 @@ class ProcessMemorySampler:
         self.sample()
         peak, self._peak = self._peak, 0
         return peak / 2**30
+
+
+def memory_metrics(device: torch.device, sampler: ProcessMemorySampler | None,
+                   planned: float | None = None) -> dict:
+    """GiB. mem/peak_gb: the most torch allocated since the last record (vLLM's sleep-mode pool
+    included); mem/process_peak_gb: this process's peak as the driver counts it (nvidia-smi's
+    per-process figure: torch, vLLM and the CUDA context); mem/device_used_gb: the whole card
+    now. On CPU: the process's peak resident memory."""
+    if device.type != "cuda":
+        return {"mem/peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    free, total = torch.cuda.mem_get_info(device)
+    out = {"mem/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+           "mem/reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
+           "mem/device_used_gb": (total - free) / 2**30}
+    if sampler is not None and (peak := sampler.take_peak_gib()) is not None:
+        out["mem/process_peak_gb"] = peak
+    if planned is not None:
+        out["mem/planned_peak_gb"] = planned
+    torch.cuda.reset_peak_memory_stats(device)
+    return out

@@ -28,6 +28,9 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
+VLLM_DEFAULT_MAX_GRAPH = 512
+
+
 def pin_triton_cache_dir(environ=os.environ) -> str:
     """Fix Triton's cache directory for the process before vLLM starts (a user's own is kept).
 
@@ -79,6 +82,11 @@ class VLLMEngine:
                       "tensor_parallel_size": tensor_parallel}
         # made before vLLM's own groups, in the same order on every rank
         self.tp_group = dist.tensor_parallel_group(tensor_parallel) if distributed else None
+        # vLLM captures CUDA graphs up to min(2 x max_num_seqs, 512) sequences and decodes
+        # bigger batches without them: an engine allowed more (the concurrent eval's) gets
+        # graphs up to its own limit
+        if max_num_seqs > VLLM_DEFAULT_MAX_GRAPH:
+            launch["compilation_config"] = {"max_cudagraph_capture_size": max_num_seqs}
         self.llm = LLM(
             model=model_dir, dtype="bfloat16", enable_prefix_caching=True,
             enable_sleep_mode=sleep_mode, max_model_len=max_model_len, seed=seed,

@@ -89,10 +89,10 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(two_ranks, one_ran
 
 
 def test_a_two_rank_checkpoint_resumes_at_world_size_one(two_ranks, one_rank, tiny_model_dir,
-                                                         tiny_data_dir):
+                                                         tiny_data_dir, monkeypatch):
     import dist_worker
 
-    dist_worker.experiment.BatchGrader = dist_worker.HashGrader
+    monkeypatch.setattr(dist_worker.experiment, "BatchGrader", dist_worker.HashGrader)
     dist_worker.HashGrader.log = None
     args = dist_worker.args("resume", str(tiny_model_dir), str(tiny_data_dir), str(two_ranks))
     assert dist_worker.experiment.main([*args, "--n_train_steps", "3", "--resume"]) == 0
