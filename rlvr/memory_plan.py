@@ -47,7 +47,9 @@ class MemoryPlan:
     headroom_gib: float
     cpu_gib: float  # optimizer state kept in host memory (adamw_offload)
     notes: tuple[str, ...]
-    # the concurrent eval engine's kv_cache_memory_bytes (None: evals on the rollout engine)
+    # the concurrent eval engine's decode concurrency and kv_cache_memory_bytes (None: evals on
+    # the rollout engine)
+    eval_engine_seqs: int | None = None
     eval_kv_cache_bytes: int | None = None
 
     def to_dict(self) -> dict:
@@ -112,7 +114,7 @@ def _make_plan(req: PlanRequest, e: Candidate, notes: list[str]) -> MemoryPlan:
         rollout_gib=dict(e.rollout), train_gib=dict(e.train), rollout_peak_gib=rollout,
         train_peak_gib=train, planned_peak_gib=peak, budget_gib=req.budget,
         headroom_gib=req.budget - peak, cpu_gib=req.shape.n_params * spec.cpu_bytes / GIB,
-        notes=tuple(notes),
+        notes=tuple(notes), eval_engine_seqs=req.wl.eval_engine_seqs,
         eval_kv_cache_bytes=(eval_engine_kv_tokens(req.wl) * req.shape.kv_bytes_per_token
                              if req.wl.eval_engine_seqs else None))
 
@@ -155,6 +157,9 @@ def _format_table(p: MemoryPlan) -> str:
                  + (f", optimizer state in host memory {p.cpu_gib:.1f} GiB" if p.cpu_gib else ""))
     kv = (f"KV {p.kv_cache_bytes / GIB:.2f} GiB" if p.kv_cache_bytes is not None
           else f"vLLM share {p.vllm_share_gib:.1f} GiB")
+    if p.eval_engine_seqs:
+        kv += (f" | eval engine {p.eval_engine_seqs} seqs, KV "
+               f"{p.eval_kv_cache_bytes / GIB:.2f} GiB")
     lines.append(f"{p.optim} ({'exact' if p.optim_exact else 'not exact'}) | ckpt "
                  f"{'on' if p.gradient_checkpointing else 'off'} | vLLM sleep "
                  f"{'on' if p.sleep else 'off'} | micro-batch {p.micro_batch_tokens:,} | {kv}")

@@ -137,7 +137,7 @@ def read_model_config(model_id: str) -> tuple[dict, str]:
 
 
 def workload(cfg: Config, eval_problems: int, world_size: int = 1,
-             fsdp: bool = False, eval_engine: bool = False) -> Workload:
+             fsdp: bool = False, eval_engine_seqs: int | None = None) -> Workload:
     """What one rank needs at once: its engine's share of the rollouts and the eval (one engine
     per --rollout_tp ranks of a `world_size`-rank job), its policy state sharded under FSDP, and
     the engine processes: a concurrent eval engine, the rollout engine of --async_rollout."""
@@ -150,7 +150,7 @@ def workload(cfg: Config, eval_problems: int, world_size: int = 1,
                     max_num_seqs=cfg.vllm_max_num_seqs, reference_model=cfg.kl_coef > 0,
                     logit_chunk_tokens=LOGIT_CHUNK_TOKENS,
                     fsdp_shards=world_size if fsdp else None, rollout_tp=cfg.rollout_tp,
-                    eval_engine_seqs=cfg.eval_max_num_seqs if eval_engine else None,
+                    eval_engine_seqs=eval_engine_seqs,
                     async_rollout=cfg.async_rollout)
 
 
@@ -191,7 +191,7 @@ def saved_mode(cfg: Config) -> str | None:
 
 
 def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False,
-             eval_engine: bool = False) -> MemoryPlan:
+             eval_engine_seqs: int | None = None) -> MemoryPlan:
     """The memory plan for one rank of this run on this card (or on --gpu_memory_gb), the
     policy sharded (FSDP) or not, evals on a concurrent engine or not; PlanError with the
     one-line reason (cause; fix) when there is none."""
@@ -209,7 +209,7 @@ def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False,
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
     forced = {"true": True, "false": False}
     optim = saved_optimizer(cfg) or ("adamw" if fsdp else cfg.optim)
-    wl = workload(cfg, eval_problems, dist.launched().size, fsdp, eval_engine)
+    wl = workload(cfg, eval_problems, dist.launched().size, fsdp, eval_engine_seqs)
     return plan_memory(
         shape, wl, budget, optim=optim,
         gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
@@ -219,39 +219,63 @@ def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False,
         host_gib=cfg.host_memory_gb or host_ram_gib())
 
 
-def eval_engine_choices(cfg: Config) -> tuple[bool, ...]:
-    """Whether the plan has a concurrent eval engine: (True,) it must, (False,) it must not,
-    (True, False) where it fits (--concurrent_eval auto, one process)."""
+def eval_engine_choice(cfg: Config) -> str:
+    """Whether the plan has a concurrent eval engine: "must" (--concurrent_eval true, and
+    --async_rollout, whose rollout engine holds stale weights), "never" (false, or a torchrun
+    job), "if free" (auto: where it fits without making the updates slower)."""
     if cfg.async_rollout or cfg.concurrent_eval == "true":
-        return (True,)
+        return "must"
     if cfg.concurrent_eval == "false" or dist.launched().size > 1:
-        return (False,)
-    return (True, False)
+        return "never"
+    return "if free"
 
 
-def _first_fit(cfg: Config, eval_problems: int, fsdp: bool,
-               engines: tuple[bool, ...]) -> MemoryPlan:
-    for i, eval_engine in enumerate(engines):
+# An eval engine of fewer sequences decodes too little at once to be worth its memory.
+MIN_EVAL_ENGINE_SEQS = 256
+
+
+def _same_update(a: MemoryPlan, b: MemoryPlan) -> bool:
+    return (a.optim, a.gradient_checkpointing, a.sleep, a.micro_batch_tokens) == (
+        b.optim, b.gradient_checkpointing, b.sleep, b.micro_batch_tokens)
+
+
+def _with_eval_engine(cfg: Config, eval_problems: int, fsdp: bool) -> MemoryPlan:
+    """The plan with a concurrent eval engine of --eval_max_num_seqs sequences, else of half as
+    many (down to MIN_EVAL_ENGINE_SEQS); auto takes one only where the update keeps the choices
+    it has without (no sleep, checkpointing or smaller micro-batches added for its room)."""
+    choice = eval_engine_choice(cfg)
+    if choice == "never":
+        return plan_for(cfg, eval_problems, fsdp)
+    alone = None if choice == "must" else plan_for(cfg, eval_problems, fsdp)
+    seqs, error = cfg.eval_max_num_seqs, None
+    while True:
         try:
-            return plan_for(cfg, eval_problems, fsdp, eval_engine)
-        except PlanError:
-            if i == len(engines) - 1:
-                raise
-        print("note: no room for a concurrent eval engine in this budget: the evals run on the "
-              "rollout engine, the trainer waiting", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
+            plan = plan_for(cfg, eval_problems, fsdp, seqs)
+            if alone is None or _same_update(plan, alone):
+                return plan
+        except PlanError as e:
+            error = e
+        if seqs // 2 < MIN_EVAL_ENGINE_SEQS:
+            break
+        seqs //= 2
+    if alone is None:
+        raise error or PlanError("no room for the concurrent eval engine")
+    print("note: a concurrent eval engine does not fit beside this run without slowing its "
+          "updates: the evals run on the rollout engine, the trainer waiting", file=sys.stderr,
+          flush=True)
+    return alone
 
 
 def choose_plan(cfg: Config, eval_problems: int) -> tuple[MemoryPlan, bool]:
     """This rank's plan and whether it shards the policy (FSDP): as --fsdp or the resumed run
     say, else replicated (DDP) where that fits and sharded where only that does (a job of
     several GPUs, exact AdamW), else PlanError with the replicated plan's one-line reason. The
-    plan has a concurrent eval engine (plan.eval_kv_cache_bytes) as eval_engine_choices says."""
+    plan has a concurrent eval engine (plan.eval_engine_seqs) as eval_engine_choice says."""
     fsdp = cfg.fsdp or saved_mode(cfg) == "fsdp"
     may_shard = (not fsdp and saved_mode(cfg) is None and dist.launched().size > 1
                  and cfg.optim in ("auto", "adamw") and cfg.backend != "hf")
     try:
-        return _first_fit(cfg, eval_problems, fsdp, eval_engine_choices(cfg)), fsdp
+        return _with_eval_engine(cfg, eval_problems, fsdp), fsdp
     except PlanError:
         if may_shard:
             try:
@@ -330,7 +354,8 @@ class Resolved:
     # micro-batches packed into one row (varlen attention, no padding): set by load_models
     packed: bool = False
     fsdp: bool = False  # the policy sharded over the job's GPUs (FSDP2), not replicated (DDP)
-    eval_engine: bool = False  # evals on an engine process of their own (rlvr/loop_evals.py)
+    # evals on an engine process of their own (rlvr/loop_evals.py) decoding this many at once
+    eval_engine_seqs: int | None = None
     eval_kv_cache_bytes: int | None = None
 
 
@@ -354,7 +379,8 @@ def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Res
         gc = {"true": True}.get(str(cfg.gradient_checkpointing).lower(), False)
         optim = CPU_DEFAULTS["optim"] if cfg.optim == "auto" else cfg.optim
         return Resolved(optim, gc, cfg.micro_batch_tokens or CPU_DEFAULTS["micro_batch_tokens"],
-                        eval_engine=eval_engine_choices(cfg) == (True,))
+                        eval_engine_seqs=(cfg.eval_max_num_seqs
+                                          if eval_engine_choice(cfg) == "must" else None))
     plan, fsdp = chosen_plan(cfg, eval_problems)
     print(plan.format_table(), flush=True)
     budget = cfg.gpu_memory_gb
@@ -363,7 +389,7 @@ def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Res
             memory_fraction(plan, card_gib(), cfg.async_rollout))
     return Resolved(plan.optim, plan.gradient_checkpointing, plan.micro_batch_tokens,
                     plan.sleep, plan.kv_cache_bytes, plan.to_dict(), fsdp=fsdp,
-                    eval_engine=plan.eval_kv_cache_bytes is not None,
+                    eval_engine_seqs=plan.eval_engine_seqs,
                     eval_kv_cache_bytes=plan.eval_kv_cache_bytes)
 
 
@@ -410,7 +436,7 @@ def start_engine_process(cfg: Config, mem: Resolved, model_dir: str, *, evals: b
                else max(cfg.max_tokens, cfg.eval_max_tokens or 0))
     return EngineProcess(EngineSpec(
         backend=cfg.backend, model_dir=model_dir, max_model_len=cfg.max_prompt_tokens + longest,
-        seed=cfg.seed, max_num_seqs=cfg.eval_max_num_seqs if evals else cfg.vllm_max_num_seqs,
+        seed=cfg.seed, max_num_seqs=mem.eval_engine_seqs if evals else cfg.vllm_max_num_seqs,
         kv_cache_bytes=mem.eval_kv_cache_bytes if evals else mem.kv_cache_bytes,
         grader=evals, grader_workers=cfg.grader_workers, grade_timeout_s=cfg.grade_timeout_s))
 
@@ -481,7 +507,8 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
     engine = (start_engine_process(cfg, mem, model_dir, evals=False) if cfg.async_rollout
               else build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids))
     # started after the rollout engine: two vLLM engines sizing themselves at once mis-size
-    eval_engine = start_engine_process(cfg, mem, model_dir, evals=True) if mem.eval_engine else None
+    eval_engine = (start_engine_process(cfg, mem, model_dir, evals=True) if mem.eval_engine_seqs
+                   else None)
     if device.type == "cuda":
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
         # the policy shares in this process; hand them back before training allocates
