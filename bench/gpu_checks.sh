@@ -15,7 +15,7 @@ for spec in "$@"; do
   name=${spec%%:*}; rest=${spec#*:}; limit=${rest%%:*}; cmd=${rest#*:}
   start=$SECONDS
   echo "=== $name (limit ${limit}s): $cmd"
-  timeout --signal=INT --kill-after=20 "$limit" bash -c "$cmd" > "$OUT/logs/$name.log" 2>&1
+  timeout --signal=INT --kill-after=5 "$limit" bash -c "$cmd" > "$OUT/logs/$name.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/logs/$name.log"
   SUMMARY+=("$(printf '%-14s rc=%-4s %5ss' "$name" "$rc" "$((SECONDS - start))")")
