@@ -63,9 +63,25 @@ class EngineProcess:
         self._next, self._answers = 0, {}
         self._buffer: torch.Tensor | None = None
         self._ipc: bool | None = None  # whether CUDA IPC works between the two (tried once)
-        # the engine's answer to "ready": its name, and the dtype it takes weights in (vLLM bf16;
-        # the HF engine its model's own, so that it samples exactly as the trainer's copy would)
-        self.name, self.weights_dtype = self.result(self._ticket())
+        # not waited for here: the engine builds while the trainer loads its own models
+        self._ready_ticket, self._info = self._ticket(), None
+
+    def wait_ready(self) -> None:
+        """Wait until the engine is built (raises EngineProcessError if it could not be)."""
+        if self._info is None:
+            self._info = self.result(self._ready_ticket)
+
+    @property
+    def name(self) -> str:
+        self.wait_ready()
+        return self._info[0]
+
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype the engine takes weights in: vLLM bf16; the HF engine its model's own (None),
+        so that it samples exactly as the trainer's copy would."""
+        self.wait_ready()
+        return self._info[1]
 
     def _ticket(self) -> int:
         self._next += 1

@@ -14,7 +14,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -466,25 +466,52 @@ def _trainer(policy: torch.nn.Module, device: torch.device, sharded: bool,
     return dist.data_parallel(PolicyLogprobs(policy), device)
 
 
+def _cannot_load(cfg: Config, e: Exception) -> NoReturn:
+    """A bad path or hub id, an unsupported model: one line."""
+    fail(f"cannot load --model_id {cfg.model_id}: {str(e).strip().splitlines()[0]}; pass a "
+         "hub id, a local model directory or a .gguf file")
+
+
 def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
     """Tokenizer, policy (in the dtype its optimizer keeps), the frozen reference policy for
     --kl_coef, the rollout engine and the optimizer (state allocated now), in that order: vLLM's
     start-up activations are handed back before the optimizer state takes its room. Sharded
     (FSDP), a model is loaded on the host in the checkpoint's bf16 and cast and moved to the GPU
     one unit at a time."""
+    from rlvr.modeling import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(cfg.model_id)
+    except (OSError, ValueError) as e:
+        _cannot_load(cfg, e)
+    # first, and not waited for: it builds (vLLM: ~1 min of compiling and graph capture) while
+    # this process loads the policy and the rollout engine. Both engines are given their KV
+    # cache in bytes, so neither profiles the free memory the other is taking.
+    eval_engine = (start_engine_process(cfg, mem, model_dir, evals=True) if mem.eval_engine_seqs
+                   else None)
+    try:
+        models = _load_models(cfg, device, mem, model_dir)
+        if eval_engine is not None:
+            eval_engine.wait_ready()
+        return models._replace(eval_engine=eval_engine)
+    except BaseException:  # a refusal or a failure: the engine process must not outlive us
+        if eval_engine is not None:
+            eval_engine.close()
+        raise
+
+
+def _load_models(cfg: Config, device: torch.device, mem: Resolved, model_dir: str) -> Models:
     from rlvr.fsdp import full_tensors
-    from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer, resolve_model_dir
+    from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer
     from rlvr.optimizers import check_libraries, make_optimizer, param_dtype_for
 
     host = torch.device("cpu")
     try:
-        model_dir = resolve_model_dir(cfg.model_id)
         tokenizer = load_tokenizer(model_dir)
         policy = load_policy(model_dir, host if mem.fsdp else device, mem.gradient_checkpointing,
                              dtype=torch.bfloat16 if mem.fsdp else param_dtype_for(mem.optim))
-    except (OSError, ValueError) as e:  # a bad path or hub id, an unsupported model
-        fail(f"cannot load --model_id {cfg.model_id}: {str(e).strip().splitlines()[0]}; pass a "
-             "hub id, a local model directory or a .gguf file")
+    except (OSError, ValueError) as e:
+        _cannot_load(cfg, e)
     trainer = _trainer(policy, device, mem.fsdp, param_dtype_for(mem.optim))
     # padding-free micro-batches where torch's varlen flash attention runs (CUDA); elsewhere the
     # padded layout, whose sdpa kernels need no N x N mask
@@ -506,9 +533,6 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
         fail(str(e))
     engine = (start_engine_process(cfg, mem, model_dir, evals=False) if cfg.async_rollout
               else build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids))
-    # started after the rollout engine: two vLLM engines sizing themselves at once mis-size
-    eval_engine = (start_engine_process(cfg, mem, model_dir, evals=True) if mem.eval_engine_seqs
-                   else None)
     if device.type == "cuda":
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
         # the policy shares in this process; hand them back before training allocates
@@ -527,4 +551,4 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
         torch.cuda.empty_cache()
     if mem.sleep:
         engine.load_weights(full_tensors(policy))
-    return Models(tokenizer, policy, trainer, optimizer, engine, reference, eval_engine)
+    return Models(tokenizer, policy, trainer, optimizer, engine, reference)
