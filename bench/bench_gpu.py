@@ -39,7 +39,8 @@ from rlvr.data import load_subset  # noqa: E402
 from rlvr.fsdp import full_tensors  # noqa: E402
 from rlvr.objectives import compute_advantages  # noqa: E402
 from rlvr.prompts import encode_problems  # noqa: E402
-from rlvr.run_setup import load_models, resolve_memory  # noqa: E402
+from rlvr.run_plan import resolve_memory  # noqa: E402
+from rlvr.run_setup import load_models  # noqa: E402
 from rlvr.training import UpdateBatch, UpdateSettings, policy_update  # noqa: E402
 
 N_PROMPTS, N_SAMPLES, GEN_LEN = 32, 2, 512

@@ -1,7 +1,7 @@
 """The study loop: generate -> score -> advantages -> update -> sync weights, with periodic eval.
 
 `train_step` is one step, top to bottom; `run` is the cadence around it (eval, checkpoints, ETA).
-Building the run (inputs, memory plan, models, engine, resume) is rlvr/run_setup.py.
+Building the run (inputs, models, engines) is rlvr/run_setup.py; its memory plan rlvr/run_plan.py.
 """
 
 from __future__ import annotations
@@ -36,15 +36,8 @@ from rlvr.reward import BatchGrader
 from rlvr.rollout import RolloutEngine
 from rlvr.rollout_source import OneStepOff, OnPolicy
 from rlvr.run_dir import Claim, claim_or_exit
-from rlvr.run_setup import (
-    Resolved,
-    dry_run,
-    load_data,
-    resolve_memory,
-    seed_everything,
-    select_eval_rows,
-    write_config,
-)
+from rlvr.run_plan import Resolved, dry_run, resolve_memory
+from rlvr.run_setup import load_data, seed_everything, select_eval_rows, write_config
 from rlvr.sampling import sampling_seed
 from rlvr.tracking import ProcessMemorySampler, RunLogger, memory_metrics
 from rlvr.training import UpdateBatch, UpdateSettings, policy_update

@@ -67,7 +67,7 @@ class UpdateSettings:
 
     @classmethod
     def for_run(cls, cfg, mem, pad_id: int, device: torch.device) -> UpdateSettings:
-        """From a run's Config and resolved memory plan (run_setup.Resolved)."""
+        """From a run's Config and resolved memory plan (run_plan.Resolved)."""
         return cls(temperature=cfg.temperature, clip_range=cfg.clip_range,
                    mini_batch_size=cfg.mini_batch, max_grad_norm=cfg.max_grad_norm,
                    pad_id=pad_id, device=device, micro_batch_tokens=mem.micro_batch_tokens,

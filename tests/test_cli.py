@@ -16,7 +16,8 @@ from rlvr.config import resolve
 
 def test_refusals_of_a_run_exit_2_in_one_line(tmp_path, capsys):
     from rlvr.run_dir import claim_or_exit
-    from rlvr.run_setup import chosen_plan, load_data
+    from rlvr.run_plan import chosen_plan
+    from rlvr.run_setup import load_data
 
     cfg = resolve({"output_dir": str(tmp_path), "exp_name": "r", "data_dir": str(tmp_path / "x"),
                    "gpu_memory_gb": None})

@@ -160,7 +160,7 @@ def test_a_resumed_run_keeps_the_optimizer_its_checkpoint_was_written_by(tmp_pat
                                                                         tiny_model_dir):
     """--optim auto re-plans on resume, possibly for another card or budget; the optimizer must
     stay the one whose state the checkpoint holds."""
-    from rlvr.run_setup import plan_for
+    from rlvr.run_plan import plan_for
 
     fresh = resolve({"output_dir": str(tmp_path), "exp_name": "r", "model_id":
                      str(tiny_model_dir), "gpu_memory_gb": 80})

@@ -27,7 +27,7 @@ from rlvr.memory import (
 )
 from rlvr.memory_plan import plan_memory
 from rlvr.optimizers import OPTIMIZERS
-from rlvr.run_setup import workload
+from rlvr.run_plan import workload
 from rlvr.training import GlobalBatch, UpdateSettings, rank_micro_batches
 
 

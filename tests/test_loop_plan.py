@@ -15,7 +15,7 @@ from rlvr.memory import (
     kv_tokens_wanted,
     model_shape_from_config,
 )
-from rlvr.run_setup import choose_plan, memory_fraction
+from rlvr.run_plan import choose_plan, memory_fraction
 
 SHAPE = model_shape_from_config(KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"])
 

@@ -361,7 +361,7 @@ def test_print_plan_tables(label, s, wl, budget):
 
 
 def test_the_enforced_cap_adds_back_what_sleeping_vllm_still_counts_as_allocated():
-    from rlvr.run_setup import memory_fraction
+    from rlvr.run_plan import memory_fraction
 
     p = plan(S3, 24, host_gib=125)
     assert p.sleep and p.optim == "adamw_kahan_offload"
@@ -387,7 +387,7 @@ def test_sleep_mode_rollout_allowance_is_not_vllms_share_and_not_stacked_on_star
 
 
 def test_host_ram_is_the_containers_limit_where_that_is_lower(tmp_path):
-    from rlvr.run_setup import host_ram_gib
+    from rlvr.run_plan import host_ram_gib
 
     machine = host_ram_gib(limit_files=())
     limit, unlimited = tmp_path / "memory.max", tmp_path / "unlimited"

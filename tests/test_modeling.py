@@ -253,7 +253,7 @@ def test_the_memory_plan_reads_a_known_models_shape_after_one_bounded_probe(empt
 
     import rlvr.modeling
     from rlvr.memory import KNOWN_SHAPES
-    from rlvr.run_setup import read_model_config
+    from rlvr.run_plan import read_model_config
 
     probes = []
     monkeypatch.setattr(rlvr.modeling, "_probe_hub",

@@ -156,7 +156,7 @@ def test_experiment_claims_first_and_removes_what_a_failed_start_left(tmp_path, 
 def test_plan_json_is_one_object_with_the_runs_settings(tmp_path, capsys, tiny_model_dir):
     """`--dry_run --plan_json`, what run_study.py asks: settings, plan (none without a budget)
     and whether the model loads; a model that cannot fit reports why."""
-    from rlvr.run_setup import dry_run
+    from rlvr.run_plan import dry_run
 
     cfg = _cfg(tmp_path, "--dry_run", "--plan_json", "--lr", "2e-6")
     cfg = type(cfg)(**{**cfg.to_json(), "model_id": str(tiny_model_dir)})
