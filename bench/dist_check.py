@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""One GPU, three launches of the same run, vLLM in each: plain `python`, `torchrun
---nproc_per_node 1` (DDP) and the same with --fsdp (FSDP2). They must agree; prints each one's
-s/step and its overhead on the plain run's.
+"""Launches of the same run, vLLM in each: plain `python` on one GPU, `torchrun --nproc_per_node N`
+(DDP) and the same with --fsdp (FSDP2), N = --nproc (1: every launch on one GPU; 2 or more: the
+same global batch spread over N GPUs). They must agree; prints each one's s/step, samples/s and its
+overhead on the plain run's.
 
     python bench/dist_check.py --steps 5 --out dist_check.json [-- more MATH_experiment flags]
+    python bench/dist_check.py --nproc 2 --steps 5 -- --objective NSR     # 1 vs 2 GPUs
+    python bench/dist_check.py --nproc 2 --modes plain ddp --per_gpu_batch 64        # scaling
+    python bench/dist_check.py --shape 7B --nproc 2 --modes fsdp --steps 3 -- --preset paper \
+        --rollout_batch_size 16                                  # the paper's shape, FSDP2
 
 Each launch runs this file as a worker: MATH_experiment's loop on a random-weight model of the
 Qwen2.5-0.5B shape, with the verifier replaced by a hash of the response text
@@ -13,7 +18,8 @@ step 1 (the same weights and per-request seeds, so the same rollouts): every sam
 identical; the loss equal (one update at ratio 1: the token mean of -A); the gradient norm and
 entropy within bf16 noise (FSDP2 computes with bf16 weights, the others with fp32 masters under
 bf16 autocast). s/step is the median of steps 2..N (step 1 compiles and warms up). Exit status 1
-if a check fails.
+if a check fails. Steps after the first are compared too (the same prompts; the weights differ by
+rounding only, so a few samples may too): loss and gradient norm within bf16 noise.
 """
 
 from __future__ import annotations
@@ -30,13 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = {  # launcher, extra flags
-    "plain": ([sys.executable], []),
-    "ddp": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-             "--nproc_per_node", "1"], []),
-    "fsdp": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-              "--nproc_per_node", "1"], ["--fsdp"]),
-}
+MODES = ("plain", "ddp", "fsdp")
 BF16_REL = 0.05  # gradient norm / entropy: bf16 weights against fp32 masters
 
 
@@ -52,8 +52,21 @@ def worker(out: Path, mode: str, flags: list[str]) -> int:
     return experiment.main(flags)
 
 
-def launch(mode: str, out: Path, flags: list[str]) -> dict:
-    runner, extra = MODES[mode]
+def launcher(mode: str, nproc: int) -> tuple[list[str], list[str]]:
+    """The command that starts `mode`, and the flags it adds."""
+    if mode == "plain":
+        return [sys.executable], []
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", str(nproc)]
+    return torchrun, ["--fsdp"] if mode == "fsdp" else []
+
+
+def launch(mode: str, nproc: int, out: Path, flags: list[str],
+           per_gpu_batch: int | None = None) -> dict:
+    runner, extra = launcher(mode, nproc)
+    if per_gpu_batch:  # scaling: each GPU the same share
+        extra = [*extra, "--rollout_batch_size", str(per_gpu_batch * (1 if mode == "plain"
+                                                                      else nproc))]
     cmd = [*runner, str(Path(__file__).resolve()), "--worker", mode, "--out_dir", str(out),
            "--", *flags, *extra, "--exp_name", mode]
     print("$", " ".join(cmd), flush=True)
@@ -72,14 +85,17 @@ def launch(mode: str, out: Path, flags: list[str]) -> dict:
     from bench.hash_grader import step_scores
 
     return {"mode": mode, "ok": True, "wall_s": wall, "world_size": cfg.get("world_size"),
-            "layout": cfg.get("mode"), "step1": steps[0],
+            "layout": cfg.get("mode"), "step1": steps[0], "steps": steps,
+            "samples_per_s": statistics.median(
+                cfg["rollout_batch_size"] / ln["time/step_s"] for ln in steps[1:] or steps),
             "s_per_step": statistics.median(ln["time/step_s"] for ln in steps[1:] or steps),
             "sync_s": statistics.median(ln["time/sync_s"] for ln in steps[1:] or steps),
             "scores_step1": step_scores(out / f"scores_{mode}.jsonl", mode)[0]}
 
 
 def compare(ref: dict, r: dict) -> list[str]:
-    """What differs from the plain run at step 1 beyond what the layout explains."""
+    """What differs from the reference run beyond what the layout explains: at step 1 (the same
+    weights) exactly, after it within bf16 noise."""
     bad = []
     if r["scores_step1"] != ref["scores_step1"]:
         n = sum(a != b for a, b in zip(r["scores_step1"], ref["scores_step1"]))
@@ -93,11 +109,22 @@ def compare(ref: dict, r: dict) -> list[str]:
     for key in ("train/grad_norm", "train/entropy"):
         if abs(b[key] - a[key]) > BF16_REL * abs(a[key]):
             bad.append(f"{key} {b[key]:.5g} vs {a[key]:.5g} (more than {BF16_REL:.0%} apart)")
+    for i, (x, y) in enumerate(zip(ref["steps"][1:], r["steps"][1:]), start=2):
+        for key in ("train/loss", "train/grad_norm"):
+            if abs(y[key] - x[key]) > BF16_REL * max(abs(x[key]), 1e-3):
+                bad.append(f"step {i}: {key} {y[key]:.5g} vs {x[key]:.5g}")
     return bad
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nproc", type=int, default=1, help="GPUs of the torchrun launches")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="launches, the first the reference")
+    ap.add_argument("--per_gpu_batch", type=int, default=None,
+                    help="scaling: plain gets this --rollout_batch_size, torchrun launches nproc "
+                         "times it (their runs then differ: nothing is compared)")
+    ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B", "7B"))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--data_dir", default="data/math_subset")
     ap.add_argument("--model_root", default="/tmp/rlvr_models")
@@ -113,7 +140,7 @@ def main() -> None:
 
     from bench.models import build_random_qwen, math_texts
 
-    model_dir = args.model_dir or build_random_qwen("0.5B", Path(args.model_root) / "0.5B",
+    model_dir = args.model_dir or build_random_qwen(args.shape, Path(args.model_root) / args.shape,
                                                     math_texts(args.data_dir))
     out = Path(args.runs_dir) / str(int(time.time()))
     out.mkdir(parents=True)
@@ -122,22 +149,24 @@ def main() -> None:
              "--save_every", "0", "--gpu_memory_gb", "79", "--data_dir", args.data_dir,
              "--output_dir", str(out), *args.extra]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    results = [launch(mode, out, flags) for mode in MODES]
+    results = [launch(mode, args.nproc, out, flags, args.per_gpu_batch) for mode in args.modes]
     ref, failed = results[0], []
-    print(f"\n{'mode':<6} {'ranks':>5} {'layout':>6} {'s/step':>8} {'overhead':>9} {'sync_s':>7} "
-          f"{'wall_s':>7}  step 1 against plain")
+    print(f"\n{'mode':<6} {'ranks':>5} {'layout':>6} {'s/step':>8} {'samples/s':>9} "
+          f"{'overhead':>9} {'sync_s':>7} {'wall_s':>7}  against {ref['mode']}")
     for r in results:
         if not r["ok"]:
             failed.append(f"{r['mode']}: launch failed")
             print(f"{r['mode']:<6} FAILED: {r['error']}")
             continue
-        bad = compare(ref, r) if r is not ref and ref["ok"] else []
+        bad = compare(ref, r) if r is not ref and ref["ok"] and not args.per_gpu_batch else []
         failed += [f"{r['mode']}: {b}" for b in bad]
         over = r["s_per_step"] / ref["s_per_step"] - 1 if ref["ok"] else float("nan")
         s1 = r["step1"]
         print(f"{r['mode']:<6} {r['world_size']!s:>5} {r['layout']!s:>6} {r['s_per_step']:8.3f} "
-              f"{over:+9.1%} {r['sync_s']:7.3f} {r['wall_s']:7.0f}  "
-              + ("reference" if r is ref else "; ".join(bad) or "identical rewards")
+              f"{r['samples_per_s']:9.1f} {over:+9.1%} {r['sync_s']:7.3f} {r['wall_s']:7.0f}  "
+              + ("reference" if r is ref else
+                 f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x its samples/s (scaling)"
+                 if args.per_gpu_batch else "; ".join(bad) or "identical rewards")
               + f" | loss {s1['train/loss']:.6g} grad_norm {s1['train/grad_norm']:.5g} "
               f"entropy {s1['train/entropy']:.5g} gap {s1.get('train/logp_gap_mean', 0):.4f}")
     if args.out:

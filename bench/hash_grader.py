@@ -10,6 +10,7 @@ a thread of its own) as JSON lines, for comparing runs sample by sample.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import zlib
 from pathlib import Path
@@ -28,7 +29,8 @@ class HashGrader:
         scores = [float(zlib.crc32(r.encode()) % 2) for r in responses]
         if self.log is not None and threading.current_thread() is threading.main_thread():
             with open(self.log, "a") as f:
-                f.write(json.dumps({"case": self.case, "scores": scores}) + "\n")
+                f.write(json.dumps({"case": self.case, "rank": int(os.environ.get("RANK", 0)),
+                                    "scores": scores}) + "\n")
         return GradeResult(scores=scores)
 
     def close(self) -> None:
@@ -36,6 +38,12 @@ class HashGrader:
 
 
 def step_scores(path: Path, case: str) -> list[list[float]]:
-    """The training scores recorded in `path` for `case`, one list per step."""
-    return [r["scores"] for r in map(json.loads, Path(path).read_text().splitlines())
-            if r["case"] == case]
+    """The training scores recorded in `path` for `case`, one list per step: under torchrun the
+    ranks' shards of the step joined in rank order (each rank holds a contiguous part of the
+    global batch, rlvr.dist.shard), so they compare with a one-process run's sample by sample."""
+    by_rank: dict[int, list[list[float]]] = {}
+    for r in map(json.loads, Path(path).read_text().splitlines()):
+        if r["case"] == case:
+            by_rank.setdefault(r.get("rank", 0), []).append(r["scores"])
+    steps = zip(*(by_rank[k] for k in sorted(by_rank)))
+    return [[x for part in step for x in part] for step in steps]
