@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from recording_logger import RecordingLogger
 
 from rlvr import experiment
 from rlvr.config import parse_config
@@ -18,22 +19,6 @@ from rlvr.modeling import eos_token_ids
 from rlvr.run_setup import start_engine_process
 
 pytestmark = pytest.mark.slow
-
-
-class RecordingLogger:
-    """What LoopEvals logs, kept: per-problem results, scalars and the example responses."""
-
-    def __init__(self):
-        self.problems_of, self.scalars, self.texts = {}, {}, {}
-
-    def problems(self, step, results):
-        self.problems_of[step] = results
-
-    def log(self, step, metrics):
-        self.scalars[step] = metrics
-
-    def text(self, tag, text, step):
-        self.texts[(step, tag)] = text
 
 
 def flags(model_dir, data_dir, out, *extra) -> list[str]:

@@ -19,6 +19,7 @@ pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_common import REPO, report_fixture  # noqa: E402
+from recording_logger import RecordingLogger  # noqa: E402
 
 from rlvr import experiment  # noqa: E402
 from rlvr.config import parse_config  # noqa: E402
@@ -27,20 +28,6 @@ from rlvr.loop_evals import LoopEvals  # noqa: E402
 
 REPORT: dict[str, float] = {}
 write_report = report_fixture(REPORT, "RLVR_GPU_ENGINE_REPORT", "GPU engine-process report")
-
-
-class RecordingLogger:
-    def __init__(self):
-        self.problems_of, self.scalars, self.texts = {}, {}, {}
-
-    def problems(self, step, results):
-        self.problems_of[step] = results
-
-    def log(self, step, metrics):
-        self.scalars[step] = metrics
-
-    def text(self, tag, text, step):
-        self.texts[(step, tag)] = text
 
 
 def flags(model_dir, out, *extra) -> list[str]:
