@@ -222,6 +222,10 @@ class Config:
              f"--fsdp shards exact AdamW only (--optim adamw or auto); --optim {self.optim} "
              "keeps optimizer state FSDP does not shard"),
             (self.dry_run or not self.plan_json, "--plan_json goes with --dry_run"),
+            (not (self.async_rollout and self.concurrent_eval == "false"),
+             "--async_rollout evaluates on an eval engine of its own (its rollout engine holds "
+             "the weights one update behind and is busy with the next batch): drop "
+             "--concurrent_eval false"),
         ]
         for ok, msg in checks:
             if not ok:

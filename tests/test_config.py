@@ -67,6 +67,7 @@ def run_cli(*args, timeout=60):
     (["--adam_betas", "0.9", "1.0"], "--adam_betas"),
     (["--gpu_memory_gb", "-3"], "--gpu_memory_gb must be > 0"),
     (["--host_memory_gb", "0"], "--host_memory_gb must be > 0"),
+    (["--async_rollout", "--concurrent_eval", "false"], "drop --concurrent_eval false"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_loads(tmp_path, flags, fragment):
     t0 = time.perf_counter()
