@@ -74,7 +74,7 @@ def test_one_step_off_rollouts_come_from_the_weights_one_update_behind(tiny_mode
     """Step 1 trains on its own weights' samples; step t > 1 on samples generated, with step t's
     seeds, by the weights after update t - 2, while update t - 1 ran."""
     cfg = parse_config(flags(tiny_model_dir, tiny_data_dir, tmp_path, "--async_rollout",
-                             "--concurrent_eval", "false", "--n_train_steps", "3"))
+                             "--n_train_steps", "3"))
     assert cfg.rollout_is == "tis"  # stale samples are corrected unless asked otherwise
     run = experiment.build(cfg)
     run.rollouts = experiment.rollout_source(run, 0)
@@ -96,6 +96,8 @@ def test_one_step_off_rollouts_come_from_the_weights_one_update_behind(tiny_mode
         experiment.policy_update = update
         run.rollouts.close()
         run.grader.close()
+        if run.eval_engine is not None:
+            run.eval_engine.close()
     assert staleness == [0, 1, 1]
     sampler = experiment.PromptSampler(len(run.train.rows), cfg.seed)
     reference = HFEngine(copy.deepcopy(run.policy), run.tokenizer,
