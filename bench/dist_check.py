@@ -19,7 +19,7 @@ identical; the loss equal (one update at ratio 1: the token mean of -A); the gra
 entropy within bf16 noise (FSDP2 computes with bf16 weights, the others with fp32 masters under
 bf16 autocast). s/step is the median of steps 2..N (step 1 compiles and warms up). Exit status 1
 if a check fails. Steps after the first are compared too (the same prompts; the weights differ by
-rounding only, so a few samples may too): loss and gradient norm within bf16 noise.
+rounding only, so a few samples may too): loss and gradient norm within 10%.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 MODES = ("plain", "ddp", "fsdp")
 BF16_REL = 0.05  # gradient norm / entropy: bf16 weights against fp32 masters
+# after step 1 the weights differ by rounding, so a sample may too (one sample moves W_REINFORCE's
+# loss by a few per cent under the hash grader)
+DRIFT_REL = 0.10
 
 
 def worker(out: Path, mode: str, flags: list[str]) -> int:
@@ -109,9 +112,11 @@ def compare(ref: dict, r: dict) -> list[str]:
     for key in ("train/grad_norm", "train/entropy"):
         if abs(b[key] - a[key]) > BF16_REL * abs(a[key]):
             bad.append(f"{key} {b[key]:.5g} vs {a[key]:.5g} (more than {BF16_REL:.0%} apart)")
+    if len(r["steps"]) != len(ref["steps"]):
+        bad.append(f"{len(r['steps'])} steps logged, the reference {len(ref['steps'])}")
     for i, (x, y) in enumerate(zip(ref["steps"][1:], r["steps"][1:]), start=2):
         for key in ("train/loss", "train/grad_norm"):
-            if abs(y[key] - x[key]) > BF16_REL * max(abs(x[key]), 1e-3):
+            if abs(y[key] - x[key]) > DRIFT_REL * max(abs(x[key]), 1e-3):
                 bad.append(f"step {i}: {key} {y[key]:.5g} vs {x[key]:.5g}")
     return bad
 
@@ -149,7 +154,8 @@ def main() -> None:
              "--save_every", "0", "--gpu_memory_gb", "79", "--data_dir", args.data_dir,
              "--output_dir", str(out), *args.extra]
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    results = [launch(mode, args.nproc, out, flags, args.per_gpu_batch) for mode in args.modes]
+    modes = list(dict.fromkeys(args.modes))  # each once: a mode's run directory is its name
+    results = [launch(mode, args.nproc, out, flags, args.per_gpu_batch) for mode in modes]
     ref, failed = results[0], []
     print(f"\n{'mode':<6} {'ranks':>5} {'layout':>6} {'s/step':>8} {'samples/s':>9} "
           f"{'overhead':>9} {'sync_s':>7} {'wall_s':>7}  against {ref['mode']}")

@@ -45,5 +45,5 @@ def step_scores(path: Path, case: str) -> list[list[float]]:
     for r in map(json.loads, Path(path).read_text().splitlines()):
         if r["case"] == case:
             by_rank.setdefault(r.get("rank", 0), []).append(r["scores"])
-    steps = zip(*(by_rank[k] for k in sorted(by_rank)))
+    steps = zip(*(by_rank[k] for k in sorted(by_rank)), strict=True)  # every rank, every step
     return [[x for part in step for x in part] for step in steps]

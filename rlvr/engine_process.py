@@ -67,9 +67,16 @@ class EngineProcess:
         self._ready_ticket, self._info = self._ticket(), None
 
     def wait_ready(self) -> None:
-        """Wait until the engine is built (raises EngineProcessError if it could not be)."""
+        """Wait until the engine is built (raises EngineProcessError if it could not be, and
+        again on every later call)."""
+        if isinstance(self._info, EngineProcessError):
+            raise self._info
         if self._info is None:
-            self._info = self.result(self._ready_ticket)
+            try:
+                self._info = self.result(self._ready_ticket)
+            except EngineProcessError as e:
+                self._info = e
+                raise
 
     @property
     def name(self) -> str:
@@ -116,6 +123,7 @@ class EngineProcess:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy these (HF name, tensor) pairs into the engine's model; returns once it has them.
         Waits behind any request already sent (the engine serves one at a time)."""
+        self.wait_ready()  # a build error is reported as such, not as a transfer's
         weights = iter(weights)
         first = next(weights, None)
         if first is None:
@@ -179,7 +187,11 @@ class EngineProcess:
         """Engine processes never sleep: they work while the trainer trains."""
 
     def close(self) -> None:
-        if self.proc.is_alive():
+        try:  # the engine reads requests only once built: one still building is stopped
+            building = self._info is None and not self._conn.poll()
+        except OSError:
+            building = False
+        if self.proc.is_alive() and not building:
             try:
                 self._conn.send(("close", -1, {}))
             except (BrokenPipeError, OSError):

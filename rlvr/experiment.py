@@ -324,6 +324,16 @@ def run(cfg: Config) -> dict:
 
 def train(cfg: Config, claim: Claim) -> dict:
     r = build(cfg)
+    try:
+        return _train(cfg, claim, r)
+    finally:  # engine processes are not daemons: a run that stops, however, ends them
+        for proc in (r.engine, r.eval_engine):
+            if isinstance(proc, EngineProcess):
+                proc.close()
+        r.grader.close()
+
+
+def _train(cfg: Config, claim: Claim, r: Run) -> dict:
     step = restore(r)
     # [dist] rank 0 writes the run's config, logs and metrics (the other ranks' logger is mute)
     launch = {"world_size": dist.world().size, "mode": "fsdp" if r.mem.fsdp
@@ -375,7 +385,6 @@ def train(cfg: Config, claim: Claim) -> dict:
     finally:
         evals.close()
         r.rollouts.close()
-        r.grader.close()
         logger.close()
     print(f"\n{cfg.run_name}: eval summary\n{format_eval_table(r.history)}", flush=True)
     return {"history": r.history, "run_dir": str(cfg.run_dir)}

@@ -181,23 +181,28 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
         model_dir = resolve_model_dir(cfg.model_id)
     except (OSError, ValueError) as e:
         _cannot_load(cfg, e)
-    # first, and not waited for: it builds (vLLM: ~1 min of compiling and graph capture) while
-    # this process loads the policy and the rollout engine. Both engines are given their KV
-    # cache in bytes, so neither profiles the free memory the other is taking.
-    eval_engine = (start_engine_process(cfg, mem, model_dir, evals=True) if mem.eval_engine_seqs
-                   else None)
+    # Engine processes first, and not waited for: they build (vLLM: ~1 min of compiling and
+    # graph capture) while this process loads the policy (and the in-process rollout engine).
+    # Every engine is given its KV cache in bytes, so none profiles the memory the others take.
+    processes = {"engine": start_engine_process(cfg, mem, model_dir, evals=False)
+                 if cfg.async_rollout else None,
+                 "eval_engine": start_engine_process(cfg, mem, model_dir, evals=True)
+                 if mem.eval_engine_seqs else None}
+    started = [p for p in processes.values() if p is not None]
     try:
-        models = _load_models(cfg, device, mem, model_dir)
-        if eval_engine is not None:
-            eval_engine.wait_ready()
-        return models._replace(eval_engine=eval_engine)
-    except BaseException:  # a refusal or a failure: the engine process must not outlive us
-        if eval_engine is not None:
-            eval_engine.close()
+        models = _load_models(cfg, device, mem, model_dir, processes["engine"])
+        for proc in started:
+            proc.wait_ready()
+        return models._replace(eval_engine=processes["eval_engine"])
+    except BaseException:  # a refusal or a failure: no engine process may outlive us
+        for proc in started:
+            proc.close()
         raise
 
 
-def _load_models(cfg: Config, device: torch.device, mem: Resolved, model_dir: str) -> Models:
+def _load_models(cfg: Config, device: torch.device, mem: Resolved, model_dir: str,
+                 engine_process) -> Models:
+    """load_models' work; `engine_process` is --async_rollout's rollout engine, else None."""
     from rlvr.fsdp import full_tensors
     from rlvr.modeling import eos_token_ids, load_policy, load_tokenizer
     from rlvr.optimizers import check_libraries, make_optimizer, param_dtype_for
@@ -228,8 +233,7 @@ def _load_models(cfg: Config, device: torch.device, mem: Resolved, model_dir: st
         check_libraries(mem.optim)
     except ValueError as e:
         fail(str(e))
-    engine = (start_engine_process(cfg, mem, model_dir, evals=False) if cfg.async_rollout
-              else build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids))
+    engine = engine_process or build_engine(cfg, mem, policy, tokenizer, model_dir, eos_ids)
     if device.type == "cuda":
         # vLLM's profiling run and sampler warm-up leave GBs cached in torch's allocator, which
         # the policy shares in this process; hand them back before training allocates

@@ -126,3 +126,45 @@ def test_a_failed_request_and_a_dead_engine_are_errors_with_their_cause(tiny_mod
             proc.generate([[5, 6, 7]], 1, 1.0, 3)
     finally:
         proc.close()
+
+
+def test_an_engine_that_cannot_be_built_is_an_error_every_time(tmp_path):
+    proc = EngineProcess(EngineSpec(backend="hf", model_dir=str(tmp_path / "missing"),
+                                    max_model_len=64, seed=0))
+    try:
+        for _ in range(2):  # the build's own traceback, also when asked again
+            with pytest.raises(EngineProcessError, match="failed a request"):
+                proc.wait_ready()
+    finally:
+        proc.close()
+    assert not proc.proc.is_alive()
+
+
+FAILING_ROLLOUT_ENGINE = """
+import sys
+from rlvr import experiment, run_setup
+from rlvr.config import parse_config
+
+start = run_setup.start_engine_process
+def broken(cfg, mem, model_dir, *, evals):  # the rollout engine cannot be built; the eval one can
+    return start(cfg, mem, model_dir if evals else model_dir + "_missing", evals=evals)
+run_setup.start_engine_process = broken
+sys.exit(experiment.main(cfg=parse_config(sys.argv[1:])))
+"""
+
+
+def test_a_run_whose_engine_process_fails_to_build_stops_and_leaves_no_process(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    """Engine processes are not daemons: one left running (here the eval engine, built fine)
+    would keep the stopped run from exiting."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = flags(tiny_model_dir, tiny_data_dir, tmp_path, "--async_rollout",
+                 "--n_train_steps", "2")
+    proc = subprocess.run([sys.executable, "-c", FAILING_ROLLOUT_ENGINE, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "EngineProcessError" in proc.stderr and "_missing" in proc.stderr

@@ -93,4 +93,5 @@ def test_a_concurrent_eval_on_vllm_gives_the_records_of_a_blocking_one(random_qw
         REPORT["changed_texts_frac_after_perturbing"] = sum(moved) / len(moved)
         assert sum(moved) / len(moved) >= 0.8
     finally:
-        run.eval_engine.close()
+        if run.eval_engine is not None:
+            run.eval_engine.close()
