@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from rlvr.data import (
@@ -96,6 +98,26 @@ def write_atomically(output_dir: Path, files: dict[str, bytes]) -> None:
             path.unlink(missing_ok=True)
 
 
+def write_new_dir_atomically(output_dir: Path, files: dict[str, bytes]) -> bool:
+    """Write the files into a directory beside `output_dir`, then rename it into place in one
+    step: nothing half-written is ever at `output_dir`. False when another process (a run of a
+    study, a rank of a job) put one there first; its files are then the ones kept."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, output_dir)
+        except OSError:
+            if (output_dir / "manifest.json").is_file():
+                return False
+            raise
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_default_subset(data_dir: str) -> bool:
     """Build a default --data_dir (DEFAULT_DATA_DIRS) that does not exist yet, as
     `python data_prep.py [--fraction F --output_dir DIR]` would, from the hub. Returns whether
@@ -115,7 +137,10 @@ def build_default_subset(data_dir: str) -> bool:
                         f"({e}); build it from a local copy of MATH with `python data_prep.py "
                         f"--source /path/to/MATH{flags}`") from None
     try:
-        write_atomically(Path(data_dir), {**files, "manifest.json": manifest_bytes(manifest)})
+        if not write_new_dir_atomically(Path(data_dir),
+                                        {**files, "manifest.json": manifest_bytes(manifest)}):
+            print(f"[data] {data_dir} was built meanwhile by another run: using it", flush=True)
+            return False
     except OSError as e:
         raise DataError(f"cannot write the MATH subset to {data_dir}: {e.strerror or e}; run "
                         "from a writable directory, or pass --data_dir one data_prep.py "

@@ -345,6 +345,31 @@ def test_a_first_run_builds_the_default_subset_as_data_prep_does(math_dir, tmp_p
             (tmp_path / "by_data_prep" / name).read_bytes(), name
 
 
+def test_a_first_run_that_fails_to_write_the_subset_leaves_no_directory(math_dir, tmp_path,
+                                                                        monkeypatch):
+    """A directory at --data_dir counts as built: a half-written one would never be built again
+    (and a run of a study starting meanwhile would take it)."""
+    from rlvr.subset import build_default_subset
+
+    monkeypatch.setitem(sys.modules, "datasets", _hub_stand_in(math_dir))
+    monkeypatch.chdir(tmp_path)
+    real = Path.write_bytes
+
+    def full_disk(path, data):
+        if path.name == "test.jsonl":  # the second file
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(DataError, match="No space left on device"):
+        build_default_subset("data/math_subset")
+    assert not (tmp_path / "data/math_subset").exists()
+    assert list((tmp_path / "data").iterdir()) == []  # nor its temporary sibling
+    monkeypatch.setattr(Path, "write_bytes", real)
+    assert build_default_subset("data/math_subset")  # the next run builds it
+    assert (tmp_path / "data/math_subset/manifest.json").is_file()
+
+
 def test_offline_a_first_run_names_the_command_that_builds_the_subset(math_dir, tmp_path,
                                                                       monkeypatch, capsys):
     from rlvr.config import Config
