@@ -30,6 +30,8 @@ from rlvr.study_schedule import Job
 
 JOBS_FILE = "jobs.json"
 POLL_S = 1.0
+# Slurm not answering for this long ends the watch (the jobs keep running; a re-run resumes it).
+SQUEUE_GIVE_UP_S = 600.0
 STOP_WAIT_S = 60.0  # a preempted run's time to stop after its SIGINT (submitit waits 90 s)
 
 
@@ -144,8 +146,8 @@ def live_jobs(ids: list[str]) -> dict[str, str] | None:
     if not ids:
         return {}
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%i %T"],  # our jobs only
+                             capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -226,18 +228,38 @@ class SlurmLauncher:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
+    def _no_answer(self, since: float | None) -> float | None:
+        """Say once that squeue does not answer; None (give up, saying so) after
+        SQUEUE_GIVE_UP_S of silence."""
+        now = time.monotonic()
+        if since is None:
+            self.display.event("squeue does not answer: watching again every "
+                               f"{POLL_S:g} s (the jobs are Slurm's, nothing is resubmitted)")
+            return now
+        if now - since > SQUEUE_GIVE_UP_S:
+            self.display.event(f"squeue has not answered for {SQUEUE_GIVE_UP_S / 60:.0f} min: "
+                               "stopped watching; the jobs keep running (re-run the same command "
+                               f"to watch them again, or --status {self.study_dir})")
+            return None
+        return since
+
     def run(self) -> int:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / JOBS_FILE
         self.ids = json.loads(path.read_text()) if path.is_file() else {}
         pending = [j for j in self.jobs if not _done(j)]
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        silent_since = None  # when Slurm stopped answering
         try:
             while pending and not self.stopping:
                 live = live_jobs([self.ids[j.name] for j in pending if j.name in self.ids])
                 if live is None:  # Slurm did not answer: look again, resubmit nothing
+                    silent_since = self._no_answer(silent_since)
+                    if silent_since is None:
+                        return 1
                     time.sleep(POLL_S)
                     continue
+                silent_since = None
                 ready = []
                 for j in list(pending):
                     if (what := self._next(j, live)) == "submit":

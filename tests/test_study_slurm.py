@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -104,3 +105,27 @@ def test_a_job_array_with_a_preempted_task_that_resumes(slurm, tiny_model_dir, t
     status = subprocess.run([sys.executable, str(REPO / "run_study.py"), "--status", str(study)],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert "2/2 done, 0 failed" in status.stdout
+
+
+def test_the_watch_ends_when_squeue_stops_answering(tmp_path, monkeypatch, capsys):
+    """Not a silent loop forever: said once at once, and the watch ends (exit 1) after
+    SQUEUE_GIVE_UP_S of silence, the jobs left to Slurm."""
+    import argparse
+
+    from rlvr import slurm_launcher as sl
+    from rlvr.launchers import Display
+    from rlvr.study_schedule import Job
+
+    job = Job("r", "train", Path("MATH_experiment.py"), [], tmp_path / "runs/r", "m")
+    launcher = sl.SlurmLauncher(tmp_path, [job], argparse.Namespace(status_every=60),
+                                Display(every_s=60))
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm/jobs.json").write_text('{"r": "7_0"}')
+    calls = []
+    monkeypatch.setattr(sl, "live_jobs", lambda ids: calls.append(ids))  # None: no answer
+    monkeypatch.setattr(sl, "POLL_S", 0.01)
+    monkeypatch.setattr(sl, "SQUEUE_GIVE_UP_S", 0.1)
+    assert launcher.run() == 1
+    out = capsys.readouterr().out
+    assert out.count("squeue does not answer") == 1 and "stopped watching" in out
+    assert len(calls) > 2 and all(ids == ["7_0"] for ids in calls)
