@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlvr.cli import EXIT_REFUSED
 from rlvr.eval_report import ReportError, add_evals_to_report
 from rlvr.plotting import PlotError, make_all, make_study_report
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 written += add_evals_to_report(args.evals, args.out, args.note, args.dpi)
     except (PlotError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     for path in written:
         print(path)
     return 0

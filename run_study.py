@@ -20,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from rlvr.cli import EXIT_REFUSED
 from rlvr.study import PUBLISHED, StudyError, StudySpec, check_spec
 
 DEFAULTS = {"objectives": ["NSR", "PSR", "W_REINFORCE"], "seeds": [1, 2, 3], "lambdas": [0.1]}
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(a, spec, study_dir) if a.dry_run else run(a, spec, study_dir)
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

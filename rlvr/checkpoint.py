@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 
 from rlvr import dist, tensor_io
+from rlvr.fsdp import is_sharded
 from rlvr.optimizers import OPTIMIZERS
 
 CKPT_DIRNAME = "checkpoints"
@@ -154,10 +154,6 @@ def _write_dir(final: Path, need: int, what: str, write: Callable[[Path], None],
     return final
 
 
-def _is_sharded(policy: torch.nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in policy.parameters())
-
-
 def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, extra: dict) -> Path:
     """checkpoints/step_<step>/ of `policy` (the HF model) and `optimizer`, with `extra` in
@@ -165,7 +161,7 @@ def save_checkpoint(run_dir: Path, step: int, policy: torch.nn.Module,
     root = Path(run_dir) / CKPT_DIRNAME
     final = root / f"step_{step}"
     state = {"step": step, "rng": rng_state(), **extra}
-    if _is_sharded(policy):
+    if is_sharded(policy):
         _save_sharded(final, step, policy, optimizer, state)
     elif dist.is_main():  # [dist] replicated state: rank 0 writes it (see the module doc)
         _save_replicated(final, step, policy, optimizer, state)
@@ -288,7 +284,7 @@ def save_final_policy(run_dir: Path, policy: torch.nn.Module, tokenizer,
     is hard-linked instead of written again. Collective in a torchrun job.
     """
     out = Path(run_dir) / "final_model"
-    sharded = _is_sharded(policy)
+    sharded = is_sharded(policy)
     if not (sharded or dist.is_main()):  # [dist] replicated: rank 0 has it all
         dist.barrier()
         return out

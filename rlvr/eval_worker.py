@@ -125,9 +125,7 @@ def export_checkpoint(ckpt_dir: Path, run_dir: Path) -> str:
     from rlvr.checkpoint import load_policy_state
     from rlvr.modeling import load_tokenizer, resolve_model_dir
 
-    files = sorted(p for p in ckpt_dir.iterdir() if p.is_file())
-    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    key = hashlib.sha256(f"{ckpt_dir.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{ckpt_dir.resolve()}|{_fingerprint(ckpt_dir)}".encode()).hexdigest()[:16]
     out = _cache_root() / "checkpoints" / f"{run_dir.name}-{ckpt_dir.name}-{key}"
     if (out / "config.json").is_file():
         return str(out)

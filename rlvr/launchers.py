@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlvr.cli import EXIT_INTERRUPTED
 from rlvr.run_dir import DONE, READY, run_state
 from rlvr.study import REPO, StudyError, append_attempt, job_state, read_attempts
 from rlvr.study_progress import StudyProgress, format_table
@@ -311,7 +312,7 @@ class LocalPool:
                 signal.signal(s, handler)
         self._show(force=True)
         if self.stopping:
-            return 130
+            return EXIT_INTERRUPTED
         return 1 if self.failed else 0
 
     def _show(self, force: bool = False) -> None:

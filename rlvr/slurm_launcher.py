@@ -22,6 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from rlvr.cli import EXIT_INTERRUPTED
 from rlvr.launchers import Display, child_signals, log_path, tail
 from rlvr.run_dir import DONE
 from rlvr.study import REPO, StudyError, append_attempt, write_json
@@ -276,7 +277,7 @@ class SlurmLauncher:
             ids = " ".join(sorted(self.ids.values()))
             self.display.event(f"stopped watching; the Slurm jobs keep running (scancel {ids} "
                                f"stops them); --status {self.study_dir} shows them")
-            return 130
+            return EXIT_INTERRUPTED
         self._show({}, force=True)
         return 1 if self.failed else 0
 

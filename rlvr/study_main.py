@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from rlvr.cli import EXIT_INTERRUPTED
 from rlvr.run_logs import plural
 from rlvr.study import (
     MANIFEST,
@@ -142,7 +143,7 @@ def run(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> int:
         lock = lock or RunnerLock(study_dir)
         _write_manifest(a, spec, study_dir, plan)
         rc = launch(a, study_dir, plan)
-        if rc != 130 and not a.no_report:
+        if rc != EXIT_INTERRUPTED and not a.no_report:
             write_report(study_dir)
         return rc
     finally:
