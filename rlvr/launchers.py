@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def tail(path: Path, n: int = TAIL_LINES, since: int = 0) -> str:
     return "\n".join("    " + ln for ln in lines[-n:])
 
 
+def study_table(progress: StudyProgress, gpus: dict[str, str]) -> str:
+    """The progress table of a study's runs (`gpus`: the running ones' cards) and its ETA."""
+    rows, manifest = progress.rows(gpus)
+    return format_table(rows, progress.study_eta(rows, manifest))
+
+
 class Display:
     """Event lines, and the progress table: redrawn in place on a terminal, printed every
     `every_s` seconds otherwise."""
@@ -84,10 +91,13 @@ class Display:
         self._clear()
         print(f"[study {time.strftime('%H:%M:%S')}] {text}", file=self.stream, flush=True)
 
-    def table(self, text: str, force: bool = False) -> None:
+    def table(self, make_text: Callable[[], str], force: bool = False) -> None:
+        """Show make_text()'s table if it is due (or forced); it is only made when shown (it
+        reads every run's files)."""
         if not force and time.monotonic() - self.last < self.every_s:
             return
         self.last = time.monotonic()
+        text = make_text()
         self._clear()
         print(text, file=self.stream, flush=True)
         if self.tty:
@@ -316,11 +326,9 @@ class LocalPool:
         return 1 if self.failed else 0
 
     def _show(self, force: bool = False) -> None:
+        gpus = {n: self._gpu_label(r.cards) for n, r in self.running.items()}
         try:
-            gpus = {n: self._gpu_label(r.cards) for n, r in self.running.items()}
-            rows, manifest = self.progress.rows(gpus)
-            self.display.table(format_table(rows, self.progress.study_eta(rows, manifest)),
-                               force=force)
+            self.display.table(lambda: study_table(self.progress, gpus), force=force)
         except (OSError, ValueError, KeyError, StudyError):
             pass  # a file mid-write: the next look shows it
 

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from rlvr.cli import EXIT_INTERRUPTED
-from rlvr.launchers import Display, child_signals, log_path, tail
+from rlvr.launchers import Display, child_signals, log_path, study_table, tail
 from rlvr.run_dir import DONE
 from rlvr.study import REPO, StudyError, append_attempt, write_json
-from rlvr.study_progress import StudyProgress, format_table
+from rlvr.study_progress import StudyProgress
 from rlvr.study_schedule import Job
 
 JOBS_FILE = "jobs.json"
@@ -306,10 +306,8 @@ class SlurmLauncher:
         return next(j for j in self.jobs if j.name == name)
 
     def _show(self, live: dict[str, str], force: bool = False) -> None:
+        gpus = {n: f"slurm:{i}" for n, i in self.ids.items() if i in live}
         try:
-            gpus = {n: f"slurm:{i}" for n, i in self.ids.items() if i in live}
-            rows, manifest = self.progress.rows(gpus)
-            self.display.table(format_table(rows, self.progress.study_eta(rows, manifest)),
-                               force=force)
+            self.display.table(lambda: study_table(self.progress, gpus), force=force)
         except (OSError, ValueError, KeyError, StudyError):
             pass

@@ -286,3 +286,20 @@ def test_a_signal_stops_every_run_with_sigint_and_a_rerun_resumes_it(tmp_path):
     assert again.run() == 0
     lines = [json.loads(x) for x in record.read_text().splitlines()]
     assert [e["resume"] for e in lines[2:]] == [True, True]  # continued with --resume
+
+
+def test_the_progress_table_is_made_only_when_it_is_shown():
+    """It reads every run's files: the runner's poll, several times a second, must not."""
+    from rlvr.launchers import Display
+
+    out, made = io.StringIO(), []
+    display = Display(out, every_s=1e9)
+
+    def make():
+        made.append(1)
+        return "table"
+
+    display.table(make, force=True)
+    for _ in range(5):
+        display.table(make)
+    assert len(made) == 1 and out.getvalue() == "table\n"
