@@ -72,6 +72,7 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
         "last_eval_wait_s": waits[-1], **med,
         "process_peak_gib": max(proc) if proc else None,
         "process_peak_series_gib": [round(p, 2) for p in proc],
+        "train_s_series": [round(ln["time/train_s"], 3) for ln in steps],
         # flat: the peak after the first eval is not above the peak up to it (+3%: the rollout's
         # and update's allocations vary a little with the batch)
         "flat_after_first_eval": (max(after) <= 1.03 * max(proc[:first_eval_after + 1])

@@ -183,7 +183,12 @@ def check_final_eval(value: str | None) -> None:
 
 
 def job_seconds(job: Job, table: dict, k: int) -> float | None:
-    """A job's projected duration from the measured packing table (None: not measured)."""
+    """A job's projected duration from the measured packing table (None: not measured).
+
+    With the run's fixed cost measured (start-up, final save: `fixed_s`) and the trainer's wait
+    for each eval but the last (`eval_wait_s`: concurrent evals overlap the steps), it is
+    fixed + steps x s/step + waits + the last eval in full; an entry without them counts every
+    eval in full and no start-up."""
     measured = table.get(short_name(job.model), {})
     entry = measured.get("per_card", {}).get(str(k))
     if not entry or job.kind != "train":
@@ -193,7 +198,11 @@ def job_seconds(job: Job, table: dict, k: int) -> float | None:
     # an eval's time grows with its problems (same samples and tokens each)
     scale = (job.eval_problems / measured["eval_problems"]
              if job.eval_problems and measured.get("eval_problems") else 1.0)
-    return job.n_steps * entry["s_per_step"] + n_evals * (entry["eval_s"] or 0.0) * scale
+    eval_s = (entry["eval_s"] or 0.0) * scale
+    if entry.get("fixed_s") is None:
+        return job.n_steps * entry["s_per_step"] + n_evals * eval_s
+    return (entry["fixed_s"] + job.n_steps * entry["s_per_step"]
+            + (n_evals - 1) * entry["eval_wait_s"] * scale + entry["final_eval_s"] * scale)
 
 
 def simulate(jobs: list[tuple[float, float]], cards: int, max_per_card: int) -> float:

@@ -155,6 +155,18 @@ def test_a_runs_projected_time_is_its_steps_and_evals_at_the_measured_rates(tmp_
     assert job_seconds(job, table, 3) is None  # not measured at 3 per card
 
 
+def test_a_projection_with_measured_start_up_counts_the_waits_for_concurrent_evals(tmp_path):
+    """Start-up and save 90 s, 80 steps at 3 s, 8 concurrent evals each costing the trainer 2 s
+    and the last eval 11 s in full, all measured at 250 problems and run at 1,250:
+    90 + 240 + 8 x 2 x 5 + 11 x 5 = 465 s."""
+    table = {"M-0.5B": {"eval_problems": 250, "per_card": {"1": {
+        "s_per_step": 3.0, "eval_s": 11.0, "eval_wait_s": 2.0, "final_eval_s": 11.0,
+        "fixed_s": 90.0}}}}
+    job = Job("r", "train", REPO / "MATH_experiment.py", [], tmp_path, "org/M-0.5B", 1.0,
+              n_steps=80, eval_every=10, eval_problems=1250)
+    assert job_seconds(job, table, 1) == pytest.approx(465.0)
+
+
 def test_final_evaluations_follow_their_runs_with_the_runs_share(tmp_path):
     trains = [Job(f"M-0.5B_NSR_s{i}", "train", REPO / "MATH_experiment.py", [],
                   tmp_path / "runs" / f"M-0.5B_NSR_s{i}", "org/M-0.5B", share=0.5)
