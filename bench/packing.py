@@ -15,7 +15,10 @@ start to the last run's DONE, and the aggregate throughput: steps per second of 
 together over one run's alone, from the wall times (start-up and staggering included, as a study
 pays them). run_study.py's projection is built from these figures.
 Prints a table and the JSON entry `auto` reads (rlvr/packing.json); --write merges it there.
-One count per call keeps a call short: each k runs k full runs at once.
+One count per call keeps a call short: each k runs k full runs at once. A measurement cut short
+(a time limit's SIGINT) is still summarized, its unfinished runs projected to their end at the
+measured rates and the entry marked "estimated"; --from_dirs K=DIR summarizes study directories
+already measured (copied back from the GPU) without running anything.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from bench.models import build_random_qwen, math_texts  # noqa: E402
 from rlvr.study import PACKING_TABLE, write_json  # noqa: E402
 
 
-def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]) -> dict:
+def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]) -> Path:
+    """Run the k-per-card study; its directory, also when the run was cut short (a time limit's
+    SIGINT reaches the runner too, which stops its runs: what they logged is summarized)."""
     study = Path(a.studies) / f"{model_dir.name}_k{k}_{int(time.time())}"
     cmd = [sys.executable, str(ROOT / "run_study.py"), "--models", str(model_dir),
            "--objectives", "W_REINFORCE", "--seeds", *map(str, range(1, k + 1)),
@@ -46,39 +51,123 @@ def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]) ->
            "--data_dir", a.data_dir, *(["--eval_limit", str(a.eval_limit)] if a.eval_limit
                                        else []), *extra]
     print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    return {**summarize(study), "runner_s": round(time.time() - t0, 1)}
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        print(f"interrupted: summarizing what {study} has", flush=True)
+        try:
+            proc.wait(timeout=4)
+        except subprocess.TimeoutExpired:
+            pass
+    return study
 
 
-def summarize(study: Path) -> dict:
-    """The figures of one finished study directory (see the module's docstring)."""
+def run_records(study: Path) -> list[dict]:
+    """Per run of a study directory: its start, READY and end times (None: not reached), its
+    planned steps and evals, and what it logged (step times, eval times and the trainer's waits:
+    all of a blocking eval, the hand-over and wait of a concurrent one)."""
+    if not (study / "attempts.jsonl").is_file():
+        return []
     attempts = [json.loads(x) for x in (study / "attempts.jsonl").read_text().splitlines()]
-    first = min(x["time"] for x in attempts if x["event"] == "start")
-    last = max(x["time"] for x in attempts if x["event"] == "end")
     started = {x["job"]: x["time"] for x in attempts if x["event"] == "start"}
-    ended = {x["job"]: x["time"] for x in attempts if x["event"] == "end"}
-    steps, evals, waits, finals, fixed, problems = [], [], [], [], [], set()
-    for run in (study / "runs").iterdir():
+    ended = {x["job"]: x["time"] for x in attempts if x["event"] == "end" and x.get("rc") == 0}
+    out = []
+    for run in sorted((study / "runs").iterdir()):
+        if not (run / "metrics.jsonl").is_file():
+            continue
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        step_s = [x["time/step_s"] for x in lines if "time/step_s" in x]
-        # what the trainer spent on each eval: its wait for a concurrent one, all of a blocking one
-        run_waits = [x.get("time/eval_wait_s", x["time/eval_s"]) for x in lines
-                     if "time/eval_s" in x]
-        steps += step_s[2:]
-        evals += [x["time/eval_s"] for x in lines if "time/eval_s" in x and x["step"] > 0]
-        waits += run_waits[:-1]
-        finals += run_waits[-1:]
-        # start-up and the final save: the run's wall time less its steps and eval waits
-        fixed.append(ended[run.name] - started[run.name] - sum(step_s) - sum(run_waits))
-        problems |= {int(x["eval/n_problems"]) for x in lines if "eval/n_problems" in x}
-    return {"s_per_step": round(statistics.median(steps), 3),
-            "eval_s": round(statistics.median(evals), 1) if evals else None,
-            "eval_wait_s": round(statistics.median(waits), 1) if waits else 0.0,
-            "final_eval_s": round(statistics.median(finals), 1),
+        cfg = json.loads((run / "config.json").read_text())
+        ready = run / "READY"
+        ready_t = json.loads(ready.read_text())["time"] if ready.is_file() else None
+        n, every = int(cfg["n_train_steps"]), int(cfg["eval_every"])
+        out.append({
+            "start": started[run.name], "end": ended.get(run.name) if (run / "DONE").is_file()
+            else None, "ready": ready_t, "step_spans": step_spans(lines, ready_t),
+            "n_steps": n, "n_evals": len({0, n, *range(every, n + 1, every)} if every else {0, n}),
+            "step_s": [x["time/step_s"] for x in lines if "time/step_s" in x],
+            "eval_s": [(x["step"], x["time/eval_s"]) for x in lines if "time/eval_s" in x],
+            "waits": [x.get("time/eval_wait_s", x["time/eval_s"]) for x in lines
+                      if "time/eval_s" in x],
+            "eval_problems": max((int(x["eval/n_problems"]) for x in lines
+                                  if "eval/n_problems" in x), default=None)})
+    return out
+
+
+def step_spans(lines: list[dict], ready: float | None) -> list[tuple[float, float]]:
+    """When each step ran: from READY on, the logged steps and eval waits laid end to end
+    (the few seconds between records are not logged; the spans are that close)."""
+    t, spans = ready or 0.0, []
+    for x in lines:
+        if "time/eval_s" in x:
+            t += x.get("time/eval_wait_s", x["time/eval_s"])
+        if "time/step_s" in x:
+            spans.append((t, t + x["time/step_s"]))
+            t += x["time/step_s"]
+    return spans
+
+
+def packed_steps(runs: list[dict]) -> list[float]:
+    """The step times of steps that ran while every other run of the card was in its steps too
+    (between its first step and its last): the steps a long study's packed runs take. A short
+    measurement's runs overlap only in part (staggered starts, the last one alone at its end)."""
+    if len(runs) < 2 or any(not r["step_spans"] for r in runs):
+        return []
+    out = []
+    for r in runs:
+        others = [o for o in runs if o is not r]
+        for a, b in r["step_spans"][2:]:
+            if all(o["step_spans"][0][0] <= a and b <= o["step_spans"][-1][1] for o in others):
+                out.append(b - a)
+    return out
+
+
+def summarize(runs: list[dict], end_cost_s: float | None) -> dict:
+    """The figures of one k (see the module's docstring). A run cut short is projected to its
+    end at the measured rates: its missing steps at the median s/step, its missing evals at the
+    median wait, its last eval as long as a finished run's (else as an in-loop eval), and its
+    end (final save, exit) costing `end_cost_s`; the entry then says `"estimated": true`."""
+    runs = [r for r in runs if r["end"] is not None or r["ready"] is not None]
+    done = [r for r in runs if r["end"] is not None]
+    steps = [s for r in runs for s in r["step_s"][2:]]
+    evals = [t for r in runs for step, t in r["eval_s"] if step > 0]
+    waits = [w for r in runs for w in (r["waits"][:-1] if r["end"] else r["waits"])]
+    finals = [r["waits"][-1] for r in done]
+    packed = packed_steps(runs)
+    # k > 1: the steps run side by side, when enough of them were (else every step counted)
+    s_per_step = statistics.median(packed if len(packed) >= 5 else steps)
+    eval_s = statistics.median(evals) if evals else None
+    wait_s = statistics.median(waits) if waits else 0.0
+    all_evals = [t for r in runs for _, t in r["eval_s"]]
+    final_s = (statistics.median(finals) if finals else eval_s
+               or (statistics.median(all_evals) if all_evals else 0.0))
+    # start-up and final save: a run's wall time less its steps and eval waits
+    fixed = [r["end"] - r["start"] - sum(r["step_s"]) - sum(r["waits"]) for r in done]
+    ends = []
+    for r in runs:
+        if r["end"] is not None:
+            ends.append(r["end"])
+            continue
+        missing_evals = r["n_evals"] - len(r["waits"])
+        ends.append(r["ready"] + sum(r["step_s"]) + (r["n_steps"] - len(r["step_s"])) * s_per_step
+                    + sum(r["waits"]) + max(0, missing_evals - 1) * wait_s
+                    + (final_s if missing_evals > 0 else 0.0) + (end_cost_s or 0.0))
+        fixed.append(r["ready"] - r["start"] + (end_cost_s or 0.0))
+    return {"s_per_step": round(s_per_step, 3), "packed_steps": len(packed),
+            "eval_s": round(eval_s, 1) if eval_s else None,
+            "eval_wait_s": round(wait_s, 1), "final_eval_s": round(final_s, 1),
             "fixed_s": round(statistics.median(fixed), 1),
-            "wall_s": round(last - first, 1),
-            "eval_problems": max(problems) if problems else None}
+            "wall_s": round(max(ends) - min(r["start"] for r in runs), 1),
+            "eval_problems": max((r["eval_problems"] or 0) for r in runs) or None,
+            **({"estimated": True} if len(done) < len(runs) else {})}
+
+
+def end_cost(runs: list[dict]) -> float | None:
+    """What a finished run spent after its last eval and before READY (save, exit; start-up
+    is READY - start): the median over finished runs, for projecting cut ones."""
+    costs = [r["end"] - r["ready"] - sum(r["step_s"]) - sum(r["waits"]) for r in runs
+             if r["end"] is not None and r["ready"] is not None]
+    return statistics.median(costs) if costs else None
 
 
 def main() -> int:
@@ -99,12 +188,29 @@ def main() -> int:
     ap.add_argument("--studies", default="/tmp/rlvr_packing")
     ap.add_argument("--write", action="store_true", help="merge the entry into "
                                                           "rlvr/packing.json")
+    ap.add_argument("--from_dirs", nargs="+", metavar="K=DIR", default=None,
+                    help="summarize these finished (or cut) study directories of k runs per card "
+                         "instead of running (e.g. copied back from the GPU)")
+    ap.add_argument("--card", default=None, help="the card's name (default: nvidia-smi's)")
     a = ap.parse_args(argv)
     name = f"Qwen2.5-{a.shape}-Instruct"
-    model_dir = build_random_qwen(a.shape, Path(a.model_root) / name, math_texts(a.data_dir))
-    card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i",
-                           a.gpu], capture_output=True, text=True).stdout.strip()
-    per = {k: measure(model_dir, k, a, extra) for k in a.counts}
+    card = a.card or subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", a.gpu],
+        capture_output=True, text=True).stdout.strip()
+    if a.from_dirs:
+        studies = {int(k): Path(d) for k, d in (x.split("=", 1) for x in a.from_dirs)}
+    else:
+        model_dir = build_random_qwen(a.shape, Path(a.model_root) / name,
+                                      math_texts(a.data_dir))
+        studies = {}
+        for k in a.counts:  # a cut k still counts (estimated); the next ones are not started
+            studies[k] = measure(model_dir, k, a, extra)
+            if not all((r / "DONE").is_file() for r in (studies[k] / "runs").iterdir()):
+                break
+    records = {k: run_records(d) for k, d in studies.items()}
+    cost = end_cost([r for runs in records.values() for r in runs])
+    per = {k: summarize(runs, cost) for k, runs in records.items()
+           if any(r["ready"] is not None for r in runs)}
     data = json.loads(PACKING_TABLE.read_text()) if PACKING_TABLE.is_file() else {}
     old = next((m for m in data.get("measurements", []) if m["model"] == name), {})
     merged = {**{int(k): v for k, v in old.get("per_card", {}).items()}, **per}

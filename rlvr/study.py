@@ -355,5 +355,7 @@ def auto_per_card(model: str, fits: int, table: dict[str, dict]) -> tuple[int, s
     for k in sorted(per):
         if per[k]["aggregate"] >= 1.05 * per.get(best, {"aggregate": 1.0})["aggregate"]:
             best = k
+    cut = "; runs cut short, projected to their end" if any(
+        per[k].get("estimated") for k in {1, best} & set(per)) else ""
     return best, (f"{short_name(model)}: {best} per card, {per[best]['aggregate']:.2f}x the "
-                  f"throughput of 1 (measured on {entry.get('card', 'a card')})")
+                  f"throughput of 1 (measured on {entry.get('card', 'a card')}{cut})")

@@ -44,7 +44,10 @@ def _check_dir(study_dir: Path, spec: StudySpec, extend: bool) -> None:
 
 def _plan(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> StudyPlan:
     cards: list[Card] | None = None
-    if a.launcher == "local" and a.gpus != "none":
+    if a.launcher == "local" and a.gpus != "none" and a.dry_run and a.gpus and a.card_gb:
+        # planning a study for cards this machine need not have (--gpus 0,1 --card_gb 79)
+        cards = [Card(i.strip(), a.card_gb, "planned") for i in a.gpus.split(",") if i.strip()]
+    elif a.launcher == "local" and a.gpus != "none":
         cards = visible_cards(a.gpus)
     gpus = a.slurm_gpus_per_run if a.launcher == "slurm" else a.gpus_per_run
     plan = plan_study(spec, study_dir, cards, a.card_gb, a.runs_per_gpu, max(1, gpus),

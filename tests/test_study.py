@@ -133,6 +133,9 @@ def test_runs_per_card_follow_the_plan_and_the_measured_table():
         "4": {"aggregate": 1.85}}}}
     assert auto_per_card("a/M-0.5B", 4, table)[0] == 3  # 4 gains < 5% over 3
     assert auto_per_card("a/M-0.5B", 2, table)[0] == 2  # 3 would not fit
+    assert "cut short" not in auto_per_card("a/M-0.5B", 2, table)[1]
+    table["M-0.5B"]["per_card"]["2"]["estimated"] = True
+    assert "cut short" in auto_per_card("a/M-0.5B", 2, table)[1]
     with pytest.raises(StudyError, match="needs >= 90.0 GiB .* the card has 79.0"):
         per_card_counts({"a/M-7B": 90.0}, 79.0, "auto", {})
 
@@ -315,3 +318,20 @@ def test_the_progress_table_is_made_only_when_it_is_shown():
     for _ in range(5):
         display.table(make)
     assert len(made) == 1 and out.getvalue() == "table\n"
+
+
+def test_a_dry_run_plans_for_cards_this_machine_lacks_and_writes_nothing(
+        tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """--dry_run --gpus 0,1 --card_gb 79 on a machine without nvidia-smi: the grid's memory plan
+    and schedule for two 79 GiB cards, a projection that says what it lacks, no study dir."""
+    study = tmp_path / "st"
+    argv = ["--models", str(tiny_model_dir), "--objectives", "NSR", "PSR", "--seeds", "1", "2",
+            "--gpus", "0,1", "--card_gb", "79", "--dry_run", "--study_dir", str(study), "--",
+            "--n_train_steps", "4", "--data_dir", str(tiny_data_dir)]
+    assert run_study.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 runs (1 model x 2 objectives x 2 seeds)" in out, out
+    assert "2 card(s): 0 (planned, 79.0 GiB), 1 (planned, 79.0 GiB)" in out, out
+    assert "GPU memory plan, GiB (budget 79.0)" in out
+    assert "no measured step and eval times" in out
+    assert not study.exists()
