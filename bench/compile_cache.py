@@ -14,7 +14,9 @@ VLLM_CACHE_ROOT when it compiles, so the policy's graphs land there; the sizes o
 directories after each run show where. Evals are cut to --eval_limit 8 and run blocking: this
 measures the update, not the eval. Per run it prints the first step's train phase (which
 compiles), the median of the later ones, and the update's cost over an 80-step run (the first
-two steps as measured, 78 at the median) and what that gains over eager.
+two steps as measured, 78 at the median), what that gains over eager, and each run's hits,
+misses and bypasses of inductor's FX-graph and AOTAutograd caches (a warm run that misses says
+why its compile was not served).
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ def main() -> int:
     ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B"))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--cache_dir", default="/tmp/rlvr_compile_cache")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                    help="which of the three runs, in this order (each takes ~2-3 min)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if "warm" in a.modes and "cold" not in a.modes:
+        ap.error("--modes warm needs cold before it: the cache starts empty")
     cache = Path(a.cache_dir)
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"),
@@ -53,6 +59,8 @@ def main() -> int:
            "TRITON_CACHE_DIR": str(cache / "triton")}
     rows = {}
     for mode, flags in MODES.items():
+        if mode not in a.modes:
+            continue
         out = cache.parent / f"compile_cache_{mode}.json"
         cmd = [sys.executable, str(ROOT / "bench" / "whole_run.py"), "--shape", a.shape,
                "--steps", str(a.steps), "--out", str(out), "--", "--concurrent_eval", "false",
@@ -65,6 +73,7 @@ def main() -> int:
         rows[mode] = {"wall_s": r["wall_s"], "startup_s": r["startup_s"], "first_s": train[0],
                       "second_s": train[1], "steady_s": steady,
                       "update_80_s": train[0] + train[1] + 78 * steady, "series": train,
+                      "caches": r.get("compile_caches", {}),
                       **{f"{d}_mib": round(dir_mib(cache / d), 1) if (cache / d).exists()
                          else 0.0 for d in ("vllm", "inductor", "triton")}}
     print(f"\n--compile over 80 steps, {a.shape}, flags {extra}")
@@ -72,12 +81,13 @@ def main() -> int:
           "80 steps s | vs eager s | cache MiB vllm/inductor/triton |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mode, v in rows.items():
-        gain = v["update_80_s"] - rows["eager"]["update_80_s"]
+        gain = (f"{v['update_80_s'] - rows['eager']['update_80_s']:+.1f}" if "eager" in rows
+                else "-")
         print(f"| {mode} | {v['wall_s']:.1f} | {v['startup_s']:.1f} | {v['first_s']:.2f} | "
               f"{v['second_s']:.2f} | {v['steady_s']:.3f} | {v['update_80_s']:.1f} | "
-              f"{gain:+.1f} | {v['vllm_mib']}/{v['inductor_mib']}/{v['triton_mib']} |")
+              f"{gain} | {v['vllm_mib']}/{v['inductor_mib']}/{v['triton_mib']} |")
     for mode, v in rows.items():
-        print(f"  {mode} train_s per step: {v['series']}")
+        print(f"  {mode} train_s per step: {v['series']}; caches: {v['caches']}")
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2))
     return 0

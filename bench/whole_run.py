@@ -82,6 +82,15 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
     }
 
 
+def compile_cache_counters() -> dict:
+    """This process's hits, misses and bypasses of inductor's FX-graph cache and AOTAutograd's
+    (with --compile: whether a warm cache served the policy's graphs, and if not, why)."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}/{name}": n for group in ("inductor", "aot_autograd")
+            for name, n in counters[group].items() if "cache" in name or "bypass" in name}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B", "7B"))
@@ -137,7 +146,7 @@ def main() -> None:
     r = {"shape": args.shape, "length_mix": args.length_mix, "extra_flags": args.extra,
          "model_build_s": build_s, "memory_plan": cfg.get("memory_plan"),
          "checkpoint_gb": ckpt_bytes / 1e9, "final_model_gb": final_bytes / 1e9,
-         **summarize(lines, wall, saves)}
+         **summarize(lines, wall, saves), "compile_caches": compile_cache_counters()}
     plan = r["memory_plan"] or {}
     print(f"\nwhole run {args.shape}{' (length mix)' if args.length_mix else ''}: "
           f"{r['steps']} steps, {r['evals']} evals, {wall:.0f} s; plan: optim "
