@@ -50,6 +50,8 @@ def main() -> int:
                     help="which of the three runs, in this order (each takes ~2-3 min)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.steps < 3:
+        ap.error("--steps must be >= 3 (the later steps' median is the compiled speed)")
     if "warm" in a.modes and "cold" not in a.modes:
         ap.error("--modes warm needs cold before it: the cache starts empty")
     cache = Path(a.cache_dir)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,9 +39,11 @@ from bench.models import build_random_qwen, math_texts  # noqa: E402
 from rlvr.study import PACKING_TABLE, write_json  # noqa: E402
 
 
-def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]) -> Path:
-    """Run the k-per-card study; its directory, also when the run was cut short (a time limit's
-    SIGINT reaches the runner too, which stops its runs: what they logged is summarized)."""
+def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]
+            ) -> tuple[Path, bool]:
+    """Run the k-per-card study: its directory, and whether it was interrupted (a time limit's
+    SIGINT: the runner is asked to stop its runs too, and what they logged is summarized).
+    A runner that fails on its own is an error: its runs' figures would not be a measurement."""
     study = Path(a.studies) / f"{model_dir.name}_k{k}_{int(time.time())}"
     cmd = [sys.executable, str(ROOT / "run_study.py"), "--models", str(model_dir),
            "--objectives", "W_REINFORCE", "--seeds", *map(str, range(1, k + 1)),
@@ -53,25 +56,29 @@ def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]) ->
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
-        proc.wait()
+        rc = proc.wait()
     except KeyboardInterrupt:
-        print(f"interrupted: summarizing what {study} has", flush=True)
+        print(f"interrupted: stopping the runner, then summarizing what {study} has", flush=True)
+        proc.send_signal(signal.SIGINT)  # the runner stops its runs on its first SIGINT only
         try:
             proc.wait(timeout=4)
         except subprocess.TimeoutExpired:
             pass
-    return study
+        return study, True
+    if rc != 0:
+        raise SystemExit(f"k={k}: run_study.py exited with status {rc}; see {study}/logs")
+    return study, False
 
 
 def run_records(study: Path) -> list[dict]:
     """Per run of a study directory: its start, READY and end times (None: not reached), its
     planned steps and evals, and what it logged (step times, eval times and the trainer's waits:
     all of a blocking eval, the hand-over and wait of a concurrent one)."""
-    if not (study / "attempts.jsonl").is_file():
+    if not (study / "attempts.jsonl").is_file() or not (study / "runs").is_dir():
         return []
     attempts = [json.loads(x) for x in (study / "attempts.jsonl").read_text().splitlines()]
     started = {x["job"]: x["time"] for x in attempts if x["event"] == "start"}
-    ended = {x["job"]: x["time"] for x in attempts if x["event"] == "end" and x.get("rc") == 0}
+    ended = {x["job"]: x for x in attempts if x["event"] == "end"}
     out = []
     for run in sorted((study / "runs").iterdir()):
         if not (run / "metrics.jsonl").is_file():
@@ -81,10 +88,15 @@ def run_records(study: Path) -> list[dict]:
         ready = run / "READY"
         ready_t = json.loads(ready.read_text())["time"] if ready.is_file() else None
         n, every = int(cfg["n_train_steps"]), int(cfg["eval_every"])
+        end = ended.get(run.name, {})
         out.append({
-            "start": started[run.name], "end": ended.get(run.name) if (run / "DONE").is_file()
-            else None, "ready": ready_t, "step_spans": step_spans(lines, ready_t),
-            "n_steps": n, "n_evals": len({0, n, *range(every, n + 1, every)} if every else {0, n}),
+            "name": run.name, "start": started[run.name],
+            "end": end["time"] if end.get("rc") == 0 and (run / "DONE").is_file() else None,
+            # ended on its own with an error (a stopped run's status is the signal's)
+            "failed": end.get("rc") not in (None, 0) and not end.get("stopped"),
+            "ready": ready_t, "step_spans": step_spans(lines, ready_t),
+            "n_steps": n, "eval_every": every,
+            "n_evals": len({0, n, *range(every, n + 1, every)} if every else {0, n}),
             "step_s": [x["time/step_s"] for x in lines if "time/step_s" in x],
             "eval_s": [(x["step"], x["time/eval_s"]) for x in lines if "time/eval_s" in x],
             "waits": [x.get("time/eval_wait_s", x["time/eval_s"]) for x in lines
@@ -129,7 +141,8 @@ def summarize(runs: list[dict], end_cost_s: float | None) -> dict:
     end (final save, exit) costing `end_cost_s`; the entry then says `"estimated": true`."""
     runs = [r for r in runs if r["end"] is not None or r["ready"] is not None]
     done = [r for r in runs if r["end"] is not None]
-    steps = [s for r in runs for s in r["step_s"][2:]]
+    steps = ([s for r in runs for s in r["step_s"][2:]]
+             or [s for r in runs for s in r["step_s"]])  # runs of 1-2 steps: all of them
     evals = [t for r in runs for step, t in r["eval_s"] if step > 0]
     waits = [w for r in runs for w in (r["waits"][:-1] if r["end"] else r["waits"])]
     finals = [r["waits"][-1] for r in done]
@@ -159,7 +172,9 @@ def summarize(runs: list[dict], end_cost_s: float | None) -> dict:
             "fixed_s": round(statistics.median(fixed), 1),
             "wall_s": round(max(ends) - min(r["start"] for r in runs), 1),
             "eval_problems": max((r["eval_problems"] or 0) for r in runs) or None,
-            **({"estimated": True} if len(done) < len(runs) else {})}
+            **({"estimated": True} if len(done) < len(runs) else {}),
+            **({"end_cost_unknown": True} if len(done) < len(runs) and end_cost_s is None
+               else {})}
 
 
 def end_cost(runs: list[dict]) -> float | None:
@@ -168,6 +183,38 @@ def end_cost(runs: list[dict]) -> float | None:
     costs = [r["end"] - r["ready"] - sum(r["step_s"]) - sum(r["waits"]) for r in runs
              if r["end"] is not None and r["ready"] is not None]
     return statistics.median(costs) if costs else None
+
+
+def usable(k: int, runs: list[dict]) -> str | None:
+    """Why a k's runs make no measurement (None: they do): one failed, or fewer than k started."""
+    if failed := [r["name"] for r in runs if r["failed"]]:
+        return f"run {failed[0]} failed (its log says why)"
+    if (started := sum(r["ready"] is not None for r in runs)) < k:
+        return f"only {started} of its {k} runs came up (READY)"
+    return None
+
+
+def settings(runs: list[dict], card_gib: float, extra: list[str]) -> dict:
+    """What a measurement was made with, as its runs' config.json say (entries that differ in
+    any of these are not merged)."""
+    first = min(runs, key=lambda r: r["start"])
+    return {"card_gib": card_gib, "steps": first["n_steps"], "eval_every": first["eval_every"],
+            "eval_problems": max((r["eval_problems"] or 0) for r in runs) or None,
+            "extra_flags": extra}
+
+
+def print_table(name: str, card: str, entry: dict) -> None:
+    print(f"\n{name} on {card}, planned as {entry['card_gib']:g} GiB, {entry['steps']} steps, "
+          f"evals every {entry['eval_every']} (and at 0) on {entry['eval_problems']} problems")
+    print("| runs/card | s/step (each) | eval s (each) | eval wait s | start-up+save s | wall s "
+          "| aggregate vs 1 | |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, v in entry["per_card"].items():
+        note = "projected: runs cut short" if v.get("estimated") else "measured"
+        if v.get("end_cost_unknown"):
+            note += "; no run finished, so the final save is left out"
+        print(f"| {k} | {v['s_per_step']} | {v['eval_s']} | {v.get('eval_wait_s')} | "
+              f"{v.get('fixed_s')} | {v['wall_s']} | {v['aggregate']} | {note} |")
 
 
 def main() -> int:
@@ -194,44 +241,45 @@ def main() -> int:
     ap.add_argument("--card", default=None, help="the card's name (default: nvidia-smi's)")
     a = ap.parse_args(argv)
     name = f"Qwen2.5-{a.shape}-Instruct"
-    card = a.card or subprocess.run(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", a.gpu],
-        capture_output=True, text=True).stdout.strip()
+    try:
+        card = a.card or subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", a.gpu],
+            capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        card = "unknown (no nvidia-smi; pass --card)"
     if a.from_dirs:
         studies = {int(k): Path(d) for k, d in (x.split("=", 1) for x in a.from_dirs)}
     else:
         model_dir = build_random_qwen(a.shape, Path(a.model_root) / name,
                                       math_texts(a.data_dir))
         studies = {}
-        for k in a.counts:  # a cut k still counts (estimated); the next ones are not started
-            studies[k] = measure(model_dir, k, a, extra)
-            if not all((r / "DONE").is_file() for r in (studies[k] / "runs").iterdir()):
+        for k in a.counts:  # a cut k still counts (projected); the next ones are not started
+            studies[k], interrupted = measure(model_dir, k, a, extra)
+            if interrupted:
                 break
-    records = {k: run_records(d) for k, d in studies.items()}
+    records = {}
+    for k, d in studies.items():
+        if why := usable(k, runs := run_records(d)):
+            print(f"k={k} ({d}): no figures: {why}")
+        else:
+            records[k] = runs
+    if not records:
+        return 1
     cost = end_cost([r for runs in records.values() for r in runs])
-    per = {k: summarize(runs, cost) for k, runs in records.items()
-           if any(r["ready"] is not None for r in runs)}
+    per = {k: summarize(runs, cost) for k, runs in records.items()}
+    made = settings([r for runs in records.values() for r in runs], a.card_gb, extra)
     data = json.loads(PACKING_TABLE.read_text()) if PACKING_TABLE.is_file() else {}
     old = next((m for m in data.get("measurements", []) if m["model"] == name), {})
+    if old and {x: old.get(x) for x in made} != made:
+        print(f"the table's {name} entry was made with other settings; it is replaced, not merged")
+        old = {}
     merged = {**{int(k): v for k, v in old.get("per_card", {}).items()}, **per}
     one = merged.get(1)
-    every = a.eval_every or a.steps
-    print(f"\n{name} on {card}, planned as {a.card_gb:g} GiB, {a.steps} steps, evals every "
-          f"{every} (and at 0){f' on {a.eval_limit} problems' if a.eval_limit else ''}")
-    print("| runs/card | s/step (each) | eval s (each) | eval wait s | start-up+save s | wall s "
-          "| aggregate vs 1 |")
-    print("|---|---|---|---|---|---|---|")
-    for k, v in sorted(merged.items()):
+    for k, v in merged.items():
         v["aggregate"] = round(k * one["wall_s"] / v["wall_s"], 2) if one else None
-        print(f"| {k} | {v['s_per_step']} | {v['eval_s']} | {v.get('eval_wait_s')} | "
-              f"{v.get('fixed_s')} | {v['wall_s']} | {v['aggregate']} |")
-    eval_problems = next((v["eval_problems"] for v in merged.values()
-                          if v.get("eval_problems")), None)
-    entry = {"model": name, "card": card, "card_gib": a.card_gb, "steps": a.steps,
-             "eval_every": every,
-             "eval_problems": eval_problems, "extra_flags": extra,
-             "measured": time.strftime("%Y-%m-%d"),
+    entry = {"model": name, "card": card, **made, "measured": time.strftime("%Y-%m-%d"),
              "per_card": {str(k): v for k, v in sorted(merged.items())}}
+    print_table(name, card, entry)
     print(json.dumps(entry))
     if a.write and one is not None:
         rest = [m for m in data.get("measurements", []) if m["model"] != name]

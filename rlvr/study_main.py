@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 from rlvr.cli import EXIT_INTERRUPTED
@@ -19,11 +20,9 @@ from rlvr.study import (
     RunnerLock,
     StudyError,
     StudySpec,
-    ask_all,
     claim_manifest,
     job_state,
     manifest_differences,
-    plan_key,
     read_attempts,
     short_name,
     write_json,
@@ -44,8 +43,9 @@ def _check_dir(study_dir: Path, spec: StudySpec, extend: bool) -> None:
 
 def _plan(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> StudyPlan:
     cards: list[Card] | None = None
-    if a.launcher == "local" and a.gpus != "none" and a.dry_run and a.gpus and a.card_gb:
-        # planning a study for cards this machine need not have (--gpus 0,1 --card_gb 79)
+    if (a.launcher == "local" and a.gpus != "none" and a.dry_run and a.gpus and a.card_gb
+            and shutil.which("nvidia-smi") is None):
+        # planning, on a machine without GPUs, a study for cards it lacks (--gpus 0 --card_gb 79)
         cards = [Card(i.strip(), a.card_gb, "planned") for i in a.gpus.split(",") if i.strip()]
     elif a.launcher == "local" and a.gpus != "none":
         cards = visible_cards(a.gpus)
@@ -70,7 +70,7 @@ def _fmt(seconds: float) -> str:
     return f"{h} h {m:02d} min" if h else f"{m} min"
 
 
-def describe(plan: StudyPlan, study_dir: Path, share_plans: dict | None = None) -> str:
+def describe(plan: StudyPlan, study_dir: Path) -> str:
     """The dry run's text: grid, memory plans, schedule, projected wall time."""
     spec = plan.spec
     attempts = read_attempts(study_dir)
@@ -87,9 +87,8 @@ def describe(plan: StudyPlan, study_dir: Path, share_plans: dict | None = None) 
         peak = f"  planned peak {j.peak_gib:.1f} GiB" if j.peak_gib else ""
         out.append(f"  {j.name:<{width}}  {state:<8}{peak}")
     shown = set()
-    source = share_plans or {r.name: plan.plans[r.name] for r in plan.runs}
     for r in plan.runs:
-        p = source[r.name].plan
+        p = plan.plans[r.name].plan
         if p and p.get("table") and (r.model, p["table"]) not in shown:
             shown.add((r.model, p["table"]))
             out += ["", f"memory plan of {short_name(r.model)} ({r.objective} and alike; "
@@ -118,14 +117,7 @@ def schedule_lines(plan: StudyPlan) -> list[str]:
 def dry_run(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> int:
     _check_dir(study_dir, spec, a.extend)
     plan = _plan(a, spec, study_dir)
-    share_plans = None
-    if plan.counts and any(k > 1 for k in plan.counts.values()):  # the plan at each run's share
-        args = {r.name: r.args(spec, study_dir) for r in plan.runs}
-        asks = {plan_key(args[r.name]): (args[r.name], plan.card_gib / plan.counts[r.model],
-                                         f"run {r.name}") for r in plan.runs}
-        answers = ask_all(asks, min(8, os.cpu_count() or 1))
-        share_plans = {name: answers[plan_key(a)] for name, a in args.items()}
-    print(describe(plan, study_dir, share_plans))
+    print(describe(plan, study_dir))
     for line in _model_errors(plan):
         print(f"warning: {line}")
     if a.launcher == "slurm":

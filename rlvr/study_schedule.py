@@ -2,16 +2,16 @@
 
 A card holds runs whose shares add up to at most 1, and at most --runs_per_gpu of them. Every
 run of a model gets 1/k of the card as its --gpu_memory_gb, k its model's runs per card: the
---runs_per_gpu given, or `auto` (rlvr.study.auto_per_card, capped by memory). A k whose share is
-below what MATH_experiment.py's own memory plan needs is refused before anything starts. Runs
-start largest planned peak first. Torch-free, and nothing here touches a GPU: cards are read
+--runs_per_gpu given, or `auto` (rlvr.study.auto_per_card, capped by memory). A k at whose share
+MATH_experiment.py's own memory plan finds no way to fit is refused before anything starts (a
+smaller share may well fit with a leaner plan: the plan is asked at the share). Runs start
+largest planned peak first. Torch-free, and nothing here touches a GPU: cards are read
 from nvidia-smi.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import subprocess
@@ -107,27 +107,65 @@ class Job:
         return [*head, str(self.script), *self.args, *budget, *tail]
 
 
-def per_card_counts(needs: dict[str, float], card_gib: float, runs_per_gpu: str,
+def share_candidates(model: str, runs_per_gpu: str, table: dict) -> list[int]:
+    """The runs-per-card counts above 1 worth asking the memory plan about: the one given, or
+    for auto those the packing table has measured for the model."""
+    if runs_per_gpu != "auto":
+        return [int(runs_per_gpu)] if int(runs_per_gpu) > 1 else []
+    measured = table.get(short_name(model), {}).get("per_card", {})
+    return sorted(int(k) for k in measured if int(k) > 1)
+
+
+def per_card_counts(fits: dict[str, int], refusals: dict[str, tuple[int, str]],
+                    card_gib: float, runs_per_gpu: str,
                     table: dict) -> tuple[dict[str, int], list[str]]:
-    """{model: runs per card} from each model's smallest budget (`needs`, GiB: the memory plan's
-    min_budget_gib), and notes; StudyError when a given count cannot fit."""
+    """{model: runs per card} and notes, from how many of each model's runs fit on a card
+    (`fits`: each with its 1/k share, by MATH_experiment.py's own memory plan at that budget)
+    and why the next count did not (`refusals`: k, the plan's error); StudyError when the
+    count given cannot fit."""
     counts, notes = {}, []
-    for model, need in needs.items():
-        fits = max(0, math.floor(card_gib / need)) if need > 0 else 64
-        if fits == 0:
-            raise StudyError(f"{short_name(model)} needs >= {need:.1f} GiB of GPU memory; the "
-                             f"card has {card_gib:.1f} GiB")
+    for model, fit in fits.items():
         if runs_per_gpu == "auto":
-            counts[model], note = auto_per_card(model, fits, table)
+            counts[model], note = auto_per_card(model, fit, table)
             notes.append(f"--runs_per_gpu auto: {note}")
             continue
         k = int(runs_per_gpu)
-        if k > fits:
-            raise StudyError(f"--runs_per_gpu {k}: the memory plan of {short_name(model)} "
-                             f"needs >= {need:.1f} GiB a run, so a {card_gib:.1f} GiB card "
-                             f"holds at most {fits}")
+        if k > fit:
+            _, why = refusals[model]
+            raise StudyError(f"--runs_per_gpu {k}: {short_name(model)} does not fit {k} runs "
+                             f"on a {card_gib:.1f} GiB card: at {card_gib / k:.1f} GiB a run, "
+                             f"{why}")
         counts[model] = k
     return counts, notes
+
+
+def share_fits(runs: list[RunSpec], args: dict[str, list[str]], card_gib: float,
+               runs_per_gpu: str, table: dict, ask_workers: int
+               ) -> tuple[dict[str, int], dict[str, tuple[int, str]], dict]:
+    """How many runs of each model fit on a card, asking MATH_experiment.py's memory plan at
+    each candidate share (a run at 1/k of the card may choose a leaner plan than at the whole
+    card); the refusal of the first count that does not fit; and the answers, by (plan key, k)."""
+    candidates = {r.model: share_candidates(r.model, runs_per_gpu, table) for r in runs}
+    asks = {}
+    for r in runs:
+        for k in candidates[r.model]:
+            asks.setdefault((plan_key(args[r.name]), k),
+                            (args[r.name], card_gib / k, f"run {r.name} at 1/{k} of the card"))
+    answers = ask_all(asks, ask_workers)
+    keys = {}
+    for r in runs:
+        keys.setdefault(r.model, set()).add(plan_key(args[r.name]))
+    fits, refusals = {}, {}
+    for model, ks in candidates.items():
+        fits[model] = 1
+        for k in ks:
+            errors = [plan["error"] for key in keys[model]
+                      if (plan := answers[(key, k)].plan) and "error" in plan]
+            if errors:
+                refusals[model] = (k, errors[0])
+                break
+            fits[model] = k
+    return fits, refusals, answers
 
 
 def train_jobs(spec: StudySpec, runs: list[RunSpec], study_dir: Path,
@@ -185,24 +223,28 @@ def check_final_eval(value: str | None) -> None:
 def job_seconds(job: Job, table: dict, k: int) -> float | None:
     """A job's projected duration from the measured packing table (None: not measured).
 
-    With the run's fixed cost measured (start-up, final save: `fixed_s`) and the trainer's wait
-    for each eval but the last (`eval_wait_s`: concurrent evals overlap the steps), it is
-    fixed + steps x s/step + waits + the last eval in full; an entry without them counts every
-    eval in full and no start-up."""
+    With the run's fixed cost measured (start-up, final save: `fixed_s`) it is fixed + steps x
+    s/step + the trainer's wait for each eval but the last + the last eval in full. A concurrent
+    eval overlaps the steps until the next one is due, so its wait is what the eval takes beyond
+    `eval_every` steps, plus the hand-over the measurement shows (its wait less that excess); an
+    eval's time grows with its problems (same samples and tokens each). An entry without these
+    figures counts every eval in full and no start-up."""
     measured = table.get(short_name(job.model), {})
     entry = measured.get("per_card", {}).get(str(k))
     if not entry or job.kind != "train":
         return None
     n_evals = len({s for s in range(0, job.n_steps + 1)
                    if s == 0 or s == job.n_steps or (job.eval_every and s % job.eval_every == 0)})
-    # an eval's time grows with its problems (same samples and tokens each)
     scale = (job.eval_problems / measured["eval_problems"]
              if job.eval_problems and measured.get("eval_problems") else 1.0)
-    eval_s = (entry["eval_s"] or 0.0) * scale
+    step_s, eval_s = entry["s_per_step"], (entry["eval_s"] or 0.0) * scale
     if entry.get("fixed_s") is None:
-        return job.n_steps * entry["s_per_step"] + n_evals * eval_s
-    return (entry["fixed_s"] + job.n_steps * entry["s_per_step"]
-            + (n_evals - 1) * entry["eval_wait_s"] * scale + entry["final_eval_s"] * scale)
+        return job.n_steps * step_s + n_evals * eval_s
+    every_m = measured.get("eval_every") or job.eval_every
+    handover = entry["eval_wait_s"] - max(0.0, entry["eval_s"] - every_m * step_s)
+    wait = max(0.0, eval_s - (job.eval_every or job.n_steps) * step_s) + max(0.0, handover)
+    return (entry["fixed_s"] + job.n_steps * step_s + (n_evals - 1) * wait
+            + entry["final_eval_s"] * scale)
 
 
 def simulate(jobs: list[tuple[float, float]], cards: int, max_per_card: int) -> float:
@@ -275,10 +317,14 @@ def plan_study(spec: StudySpec, study_dir: Path, cards: list[Card] | None,
                              f"{plan['error']}")
     counts, notes = None, []
     if cards is not None:
-        needs: dict[str, float] = {}
-        for r in runs:
-            needs[r.model] = max(needs.get(r.model, 0.0), plans[r.name].min_budget_gib or 0.0)
-        counts, notes = per_card_counts(needs, card_gib, runs_per_gpu, read_packing_table())
+        table = read_packing_table()
+        fits, refusals, shared = share_fits(runs, args, card_gib, runs_per_gpu, table,
+                                            ask_workers)
+        counts, notes = per_card_counts(fits, refusals, card_gib, runs_per_gpu, table)
+        for r in runs:  # a run sharing its card is planned, and ordered, at its share
+            if (k := counts[r.model]) > 1:
+                plans[r.name] = dataclasses.replace(shared[(plan_key(args[r.name]), k)],
+                                                    config=configs[r.name])
     trains = train_jobs(spec, runs, study_dir, plans, counts, card_gib, gpus_per_run)
     return StudyPlan(spec, runs, trains + eval_jobs(spec, study_dir, trains), plans, cards,
                      card_gib, counts, notes)

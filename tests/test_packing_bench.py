@@ -1,9 +1,11 @@
 """bench/packing.py's arithmetic on hand-made run records: what a finished run costs, where a run
 cut by a time limit would have ended, and which steps count as packed."""
 
+import json
+
 import pytest
 
-from bench.packing import end_cost, packed_steps, summarize
+from bench.packing import end_cost, packed_steps, run_records, summarize, usable
 
 
 def record(start, ready, steps, waits, end=None, n_steps=None, n_evals=3):
@@ -11,7 +13,8 @@ def record(start, ready, steps, waits, end=None, n_steps=None, n_evals=3):
     for s in steps:  # the eval waits are not needed for these spans: the tests place them
         spans.append((t, t + s))
         t += s
-    return {"start": start, "ready": ready, "end": end, "step_s": steps, "waits": waits,
+    return {"name": "r", "failed": False, "start": start, "ready": ready, "end": end,
+            "step_s": steps, "waits": waits,
             "eval_s": [(10 * i, w) for i, w in enumerate(waits)], "n_steps": n_steps or len(steps),
             "n_evals": n_evals, "step_spans": spans, "eval_problems": 100}
 
@@ -32,9 +35,55 @@ def test_a_cut_run_is_projected_to_its_end_at_the_measured_rates():
     as long as the in-loop one (6 s) + the end cost 10 = 78 from the start at 0."""
     r = record(0.0, 40.0, [2.0] * 3, [6.0], n_steps=5)
     out = summarize([r], end_cost_s=10.0)
-    assert out["estimated"] is True
+    assert out["estimated"] is True and "end_cost_unknown" not in out
     assert out["wall_s"] == pytest.approx(40 + 6 + 4 + 6 + 6 + 6 + 10)
     assert out["fixed_s"] == pytest.approx(50.0)  # start-up 40 + the end cost 10
+
+
+def test_a_cut_run_takes_the_last_eval_of_a_finished_one_and_its_in_loop_waits_apart():
+    """Beside a finished run (waits 3, 3, last eval 30; DONE at 100, READY 40, 4 x 2 s steps:
+    end cost 100 - 40 - 8 - 36 = 16), a run cut after its first eval (wait 5) with 2 of 4
+    steps: its end is READY 50 + 2 x 2 + 2 missing x 2 + 5 + one missing in-loop eval at the
+    median wait 3 (of 3, 3, 5: the finished run's last eval is not a wait) + the last eval 30
+    + 16 = 112."""
+    done = record(0.0, 40.0, [2.0] * 4, [3.0, 3.0, 30.0], end=100.0)
+    cut = record(10.0, 50.0, [2.0] * 2, [5.0], n_steps=4)
+    cost = end_cost([done, cut])
+    assert cost == pytest.approx(16.0)
+    out = summarize([done, cut], cost)
+    assert out["eval_wait_s"] == 3.0 and out["final_eval_s"] == 30.0
+    assert out["wall_s"] == pytest.approx(50 + 4 + 4 + 5 + 3 + 30 + 16)
+    assert summarize([cut], None)["end_cost_unknown"] is True
+
+
+def test_a_study_directory_is_read_as_its_runs_say_and_a_failed_run_is_no_measurement(tmp_path):
+    study = tmp_path / "k2"
+    runs = study / "runs"
+    lines = [{"step": 0, "time/eval_s": 9.0, "eval/n_problems": 50},
+             {"step": 1, "time/step_s": 2.0}, {"step": 2, "time/step_s": 2.5},
+             {"step": 2, "time/eval_s": 9.5, "time/eval_wait_s": 1.5, "eval/n_problems": 50}]
+    for name in ("a", "b"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (runs / name / "config.json").write_text(json.dumps({"n_train_steps": 2,
+                                                             "eval_every": 1}))
+        (runs / name / "READY").write_text(json.dumps({"time": 120.0}))
+    (runs / "a" / "DONE").write_text("{}")
+    attempts = [{"job": "a", "event": "start", "time": 100.0},
+                {"job": "b", "event": "start", "time": 110.0},
+                {"job": "a", "event": "end", "time": 150.0, "rc": 0, "stopped": False},
+                {"job": "b", "event": "end", "time": 151.0, "rc": 1, "stopped": False}]
+    (study / "attempts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in attempts))
+    a, b = run_records(study)
+    assert (a["start"], a["ready"], a["end"], a["failed"]) == (100.0, 120.0, 150.0, False)
+    assert (a["n_evals"], a["step_s"], a["waits"], a["eval_problems"]) == (3, [2.0, 2.5],
+                                                                         [9.0, 1.5], 50)
+    assert a["step_spans"] == [(129.0, 131.0), (131.0, 133.5)]  # READY + the step-0 eval first
+    assert b["end"] is None and b["failed"] is True
+    assert "run b failed" in usable(2, [a, b])
+    assert usable(3, [a]) == "only 1 of its 3 runs came up (READY)"
+    b["failed"] = False  # stopped by a signal instead: a cut run, projected
+    assert usable(2, [a, b]) is None
 
 
 def test_only_steps_run_beside_every_other_run_count_as_packed():

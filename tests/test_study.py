@@ -37,6 +37,8 @@ from rlvr.study_schedule import (
     eval_jobs,
     job_seconds,
     per_card_counts,
+    plan_study,
+    share_candidates,
     simulate,
     visible_cards,
 )
@@ -121,12 +123,13 @@ def test_bad_runner_flags_are_one_line(capsys):
         assert len(err) == 1 and message in err[0], (argv, err)
 
 
-def test_runs_per_card_follow_the_plan_and_the_measured_table():
-    needs = {"a/M-0.5B": 19.2, "a/M-3B": 62.1}
-    with pytest.raises(StudyError, match="--runs_per_gpu 2: the memory plan of M-3B needs >= "
-                                         "62.1 GiB a run, so a 79.0 GiB card holds at most 1"):
-        per_card_counts(needs, 79.0, "2", {})
-    counts, notes = per_card_counts(needs, 79.0, "auto", {})
+def test_runs_per_card_follow_the_plan_at_the_share_and_the_measured_table():
+    fits = {"a/M-0.5B": 4, "a/M-3B": 1}
+    refusals = {"a/M-3B": (2, "no plan fits 39.5 GiB (leanest plan: ...)")}
+    with pytest.raises(StudyError, match=r"--runs_per_gpu 2: M-3B does not fit 2 runs on a 79.0 "
+                                         r"GiB card: at 39.5 GiB a run, no plan fits 39.5 GiB"):
+        per_card_counts(fits, refusals, 79.0, "2", {})
+    counts, notes = per_card_counts(fits, refusals, 79.0, "auto", {})
     assert counts == {"a/M-0.5B": 1, "a/M-3B": 1} and "1 run per card" in notes[0]
     table = {"M-0.5B": {"card": "H200", "per_card": {
         "1": {"aggregate": 1.0}, "2": {"aggregate": 1.5}, "3": {"aggregate": 1.8},
@@ -136,8 +139,30 @@ def test_runs_per_card_follow_the_plan_and_the_measured_table():
     assert "cut short" not in auto_per_card("a/M-0.5B", 2, table)[1]
     table["M-0.5B"]["per_card"]["2"]["estimated"] = True
     assert "cut short" in auto_per_card("a/M-0.5B", 2, table)[1]
-    with pytest.raises(StudyError, match="needs >= 90.0 GiB .* the card has 79.0"):
-        per_card_counts({"a/M-7B": 90.0}, 79.0, "auto", {})
+    assert share_candidates("a/M-0.5B", "auto", table) == [2, 3, 4]
+    assert share_candidates("a/M-3B", "auto", table) == []  # not measured: 1 per card
+    assert share_candidates("a/M-3B", "3", table) == [3]
+    assert share_candidates("a/M-3B", "1", table) == []
+
+
+def test_a_run_that_fits_only_with_a_leaner_plan_at_its_share_may_share_a_card(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    """The plan is asked at 1/k of the card, not judged by the whole card's plan: on a 12 GiB
+    card the tiny run's plan peaks at ~4.8 GiB (its eval engine beside it), which would allow 2,
+    yet 3 runs fit at 4 GiB each with a leaner plan; 64 do not (the plan's refusal quoted)."""
+    spec_ = spec(models=(str(tiny_model_dir),), objectives=("NSR",), seeds=(1, 2, 3),
+                 flags=("--n_train_steps", "2", "--data_dir", str(tiny_data_dir)))
+    whole = plan_study(spec_, tmp_path / "st", [Card("0", 12.0)], 12.0, "1", 1, ask_workers=2)
+    plan = plan_study(spec_, tmp_path / "st", [Card("0", 12.0)], 12.0, "3", 1, ask_workers=2)
+    assert plan.counts == {str(tiny_model_dir): 3}
+    assert all(j.budget_gib == pytest.approx(4.0) and j.share == pytest.approx(1 / 3)
+               for j in plan.jobs)
+    at_share = plan.plans[plan.runs[0].name]
+    assert at_share.plan["budget_gib"] == pytest.approx(4.0)
+    assert at_share.planned_peak_gib < 4.0 < whole.plans[plan.runs[0].name].planned_peak_gib
+    with pytest.raises(StudyError, match=r"--runs_per_gpu 64: \S+ does not fit 64 runs on a "
+                                         r"12.0 GiB card: at 0.2 GiB a run, the run needs"):
+        plan_study(spec_, tmp_path / "st", [Card("0", 12.0)], 12.0, "64", 1, ask_workers=2)
 
 
 def test_the_schedule_projection_places_jobs_as_the_launcher_does():
@@ -159,15 +184,19 @@ def test_a_runs_projected_time_is_its_steps_and_evals_at_the_measured_rates(tmp_
 
 
 def test_a_projection_with_measured_start_up_counts_the_waits_for_concurrent_evals(tmp_path):
-    """Start-up and save 90 s, 80 steps at 3 s, 8 concurrent evals each costing the trainer 2 s
-    and the last eval 11 s in full, all measured at 250 problems and run at 1,250:
-    90 + 240 + 8 x 2 x 5 + 11 x 5 = 465 s."""
-    table = {"M-0.5B": {"eval_problems": 250, "per_card": {"1": {
-        "s_per_step": 3.0, "eval_s": 11.0, "eval_wait_s": 2.0, "final_eval_s": 11.0,
+    """Measured at 250 problems with an eval every 10 steps of 3 s: evals of 40 s, the trainer
+    waiting 12 s for each (40 - 30 overlapped = 10, so a 2 s hand-over), the last 45 s in full,
+    start-up and save 90 s. At 1,250 problems an eval takes 200 s, 170 beyond the 10 steps it
+    overlaps, so each of 8 waits is 172 s: 90 + 80 x 3 + 8 x 172 + 45 x 5 = 1,931 s. At the
+    measured 250 problems it is the measured waits again: 90 + 240 + 8 x 12 + 45 = 471 s."""
+    table = {"M-0.5B": {"eval_problems": 250, "eval_every": 10, "per_card": {"1": {
+        "s_per_step": 3.0, "eval_s": 40.0, "eval_wait_s": 12.0, "final_eval_s": 45.0,
         "fixed_s": 90.0}}}}
     job = Job("r", "train", REPO / "MATH_experiment.py", [], tmp_path, "org/M-0.5B", 1.0,
               n_steps=80, eval_every=10, eval_problems=1250)
-    assert job_seconds(job, table, 1) == pytest.approx(465.0)
+    assert job_seconds(job, table, 1) == pytest.approx(1931.0)
+    job.eval_problems = 250
+    assert job_seconds(job, table, 1) == pytest.approx(471.0)
 
 
 def test_final_evaluations_follow_their_runs_with_the_runs_share(tmp_path):
