@@ -39,9 +39,6 @@ def dir_mib(path: Path) -> float:
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B"))
     ap.add_argument("--steps", type=int, default=6)
@@ -49,7 +46,9 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                     help="which of the three runs, in this order (each takes ~2-3 min)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    ap.add_argument("extra", nargs="*", help="more MATH_experiment.py flags (after --)")
+    a = ap.parse_args()
+    extra = a.extra
     if a.steps < 3:
         ap.error("--steps must be >= 3 (the later steps' median is the compiled speed)")
     if "warm" in a.modes and "cold" not in a.modes:
