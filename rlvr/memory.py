@@ -39,6 +39,7 @@ LOGITS_FP32_COPIES = 3
 AUTOCAST_COPY_BYTES = 2
 # A frozen copy of the initial policy for a KL term, and vLLM's weights: bf16.
 BF16_BYTES = 2
+FP32_BYTES = 4
 
 # --- vLLM -------------------------------------------------------------------------------------
 KV_BLOCK_TOKENS = 16            # vLLM's default block size: the KV cache comes in these units
@@ -228,7 +229,7 @@ def policy_gib(shape: ModelShape, spec, checkpointing: bool,
         return {"weights": p * param_bytes(spec) / fsdp_shards / GIB,
                 "grads": p * spec.grad_bytes / fsdp_shards / GIB,
                 "optimizer": p * spec.state_bytes / fsdp_shards / GIB,
-                "autocast": fsdp_gathered_bytes(shape) / GIB}
+                "autocast": (fsdp_gathered_bytes(shape) + fsdp_reduce_bytes(shape)) / GIB}
     cast = (shape.layer_matmul_params + shape.vocab * shape.hidden if checkpointing
             else shape.matmul_params)
     copies = cast * AUTOCAST_COPY_BYTES if param_bytes(spec) > 2 else 0
@@ -236,15 +237,27 @@ def policy_gib(shape: ModelShape, spec, checkpointing: bool,
             "optimizer": p * spec.state_bytes / GIB, "autocast": copies / GIB}
 
 
-def fsdp_gathered_bytes(shape: ModelShape) -> float:
-    """What FSDP2 holds gathered in bf16 at once: two decoder layers (the one computing and the
-    next, prefetched), the root unit (embeddings, LM head, final norm: gathered for the whole
-    forward and backward), and the bf16 gradients of one layer and the root before they are
-    reduce-scattered."""
+def _fsdp_units(shape: ModelShape) -> tuple[float, float]:
+    """Parameters of one decoder layer and of the root unit (embeddings, LM head, final norm)."""
     layer = (shape.n_params - shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
              - shape.hidden) / shape.layers
-    root = shape.n_params - shape.layers * layer
-    return BF16_BYTES * (2 * layer + root) + BF16_BYTES * (layer + root)
+    return layer, shape.n_params - shape.layers * layer
+
+
+def fsdp_gathered_bytes(shape: ModelShape) -> float:
+    """What FSDP2 holds gathered in bf16 at once: two decoder layers (the one computing and the
+    next, prefetched) and the root unit (gathered for the whole forward and backward)."""
+    layer, root = _fsdp_units(shape)
+    return BF16_BYTES * (2 * layer + root)
+
+
+def fsdp_reduce_bytes(shape: ModelShape) -> float:
+    """A unit's gradients on their way to the reduce-scatter: computed in bf16, copied into an
+    fp32 buffer of the whole unit (reduce_dtype fp32, rlvr/fsdp.py) that lives until the
+    reduce-scatter ends on its own stream, while the next unit's bf16 gradients are computed;
+    one layer's and the root's."""
+    layer, root = _fsdp_units(shape)
+    return (BF16_BYTES + FP32_BYTES) * (layer + root)
 
 
 def reference_gib(shape: ModelShape, wl: Workload) -> float:
