@@ -22,6 +22,7 @@ import numpy as np
 from rlvr.eval_report import SAMPLES, ReportError, read_jsonl
 from rlvr.evaluation import EVAL_PROBLEMS_FILE, pass_at_k, problem_results
 from rlvr.results import LoggedRun, group_runs
+from rlvr.study import short_name
 from rlvr.study_stats import Estimate, difference, level
 
 # {problem key: (samples, correct)} of one eval
@@ -187,7 +188,7 @@ def final_eval_reports(runs: list[LoggedRun], evals_dir: Path,
     models, methods, groups = group_runs(runs)
     out = []
     for m in models:
-        base_evals = read_final_evals(evals_dir / base_eval_name(m.removesuffix(".gguf")))
+        base_evals = read_final_evals(evals_dir / base_eval_name(short_name(m)))
         finals = {r.name: read_final_evals(evals_dir / r.name)
                   for r in runs if r.model == m}
         datasets = sorted(set(base_evals) | {d for f in finals.values() for d in f})
