@@ -143,7 +143,10 @@ def _describe(s: Setting) -> str:
 
 def _fix(req: PlanRequest) -> str | None:
     """The given options to drop, or the shorter responses, that would make the run fit."""
-    forced = [n for n in _FLAGS if getattr(req, n) is not None]
+    # under FSDP2 the optimizer is AdamW whatever was asked (the others keep state it does not
+    # shard): suggesting another would suggest a refused run
+    forced = [n for n in _FLAGS if getattr(req, n) is not None
+              and not (n == "optim" and req.wl.fsdp_shards is not None)]
     for names in [[n] for n in forced] + ([forced] if len(forced) > 1 else []):
         best, _ = search(replace(req, **{n: None for n in names}))
         if best is not None:
@@ -180,6 +183,7 @@ def refusal_message(req: PlanRequest) -> str:
     fix = _fix(req) or _host_fix(req)
     if fix is not None:
         return f"{head}; {fix}"
-    return (f"{head} (leanest plan: {_describe(lean.setting)}); use a larger GPU or a "
+    more = "more GPUs to shard over, " if req.wl.fsdp_shards is not None else ""
+    return (f"{head} (leanest plan: {_describe(lean.setting)}); use {more}a larger GPU or a "
             "smaller model")
 

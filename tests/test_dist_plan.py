@@ -153,6 +153,12 @@ def test_a_7b_model_fits_an_80_gib_card_sharded_over_8_where_replicated_adamw_do
     wl = Workload(max_tokens=1024, eval_max_tokens=1024)
     with pytest.raises(ValueError, match="needs >= "):
         plan_memory(shape, wl, 80, optim="adamw")
+    # over 2 ranks it does not fit: FSDP2 runs AdamW only, so no other optimizer is suggested
+    with pytest.raises(ValueError, match=r"needs >= .* use more GPUs to shard over") as e:
+        plan_memory(shape, dataclasses.replace(wl, fsdp_shards=2, max_tokens=3072,
+                                               eval_max_tokens=3072, rollout_seqs=8),
+                    79, optim="adamw")
+    assert "adamw_kahan" not in str(e.value)
     per_rank = dataclasses.replace(wl, fsdp_shards=8, rollout_seqs=8, eval_seqs=625)
     plan = plan_memory(shape, per_rank, 80, optim="adamw")
     assert plan.train_gib["weights"] == pytest.approx(shape.n_params * 4 / 8 / GIB, abs=1e-9)
