@@ -41,9 +41,10 @@ from rlvr.study import PACKING_TABLE, write_json  # noqa: E402
 
 def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]
             ) -> tuple[Path, bool]:
-    """Run the k-per-card study: its directory, and whether it was interrupted (a time limit's
-    SIGINT: the runner is asked to stop its runs too, and what they logged is summarized).
-    A runner that fails on its own is an error: its runs' figures would not be a measurement."""
+    """Run the k-per-card study: its directory, and whether the measurements stop here: it was
+    interrupted (a time limit's SIGINT: the runner is asked to stop its runs too, and what they
+    logged is summarized) or the runner failed (a run that failed makes no measurement; the
+    counts measured before it are kept)."""
     study = Path(a.studies) / f"{model_dir.name}_k{k}_{int(time.time())}"
     cmd = [sys.executable, str(ROOT / "run_study.py"), "--models", str(model_dir),
            "--objectives", "W_REINFORCE", "--seeds", *map(str, range(1, k + 1)),
@@ -66,8 +67,8 @@ def measure(model_dir: Path, k: int, a: argparse.Namespace, extra: list[str]
             pass
         return study, True
     if rc != 0:
-        raise SystemExit(f"k={k}: run_study.py exited with status {rc}; see {study}/logs")
-    return study, False
+        print(f"k={k}: run_study.py exited with status {rc}; see {study}/logs", flush=True)
+    return study, rc != 0
 
 
 def run_records(study: Path) -> list[dict]:
@@ -81,8 +82,8 @@ def run_records(study: Path) -> list[dict]:
     ended = {x["job"]: x for x in attempts if x["event"] == "end"}
     out = []
     for run in sorted((study / "runs").iterdir()):
-        if not (run / "metrics.jsonl").is_file():
-            continue
+        if not (run / "metrics.jsonl").is_file() or not (run / "config.json").is_file():
+            continue  # never came up
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         cfg = json.loads((run / "config.json").read_text())
         ready = run / "READY"
@@ -101,6 +102,7 @@ def run_records(study: Path) -> list[dict]:
             "eval_s": [(x["step"], x["time/eval_s"]) for x in lines if "time/eval_s" in x],
             "waits": [x.get("time/eval_wait_s", x["time/eval_s"]) for x in lines
                       if "time/eval_s" in x],
+            "concurrent": any("time/eval_wait_s" in x for x in lines),
             "eval_problems": max((int(x["eval/n_problems"]) for x in lines
                                   if "eval/n_problems" in x), default=None)})
     return out
@@ -172,6 +174,7 @@ def summarize(runs: list[dict], end_cost_s: float | None) -> dict:
             "fixed_s": round(statistics.median(fixed), 1),
             "wall_s": round(max(ends) - min(r["start"] for r in runs), 1),
             "eval_problems": max((r["eval_problems"] or 0) for r in runs) or None,
+            "concurrent_evals": any(r["concurrent"] for r in runs),
             **({"estimated": True} if len(done) < len(runs) else {}),
             **({"end_cost_unknown": True} if len(done) < len(runs) and end_cost_s is None
                else {})}
@@ -191,12 +194,15 @@ def usable(k: int, runs: list[dict]) -> str | None:
         return f"run {failed[0]} failed (its log says why)"
     if (started := sum(r["ready"] is not None for r in runs)) < k:
         return f"only {started} of its {k} runs came up (READY)"
+    if not any(r["step_s"] for r in runs):
+        return "no step was logged"
     return None
 
 
 def settings(runs: list[dict], card_gib: float, extra: list[str]) -> dict:
-    """What a measurement was made with, as its runs' config.json say (entries that differ in
-    any of these are not merged)."""
+    """What a measurement was made with: its runs' steps, eval interval and eval problems (as
+    their config.json and metrics say), the card it was planned for and the flags passed (as
+    given here); entries that differ in any of these are not merged."""
     first = min(runs, key=lambda r: r["start"])
     return {"card_gib": card_gib, "steps": first["n_steps"], "eval_every": first["eval_every"],
             "eval_problems": max((r["eval_problems"] or 0) for r in runs) or None,
@@ -254,8 +260,8 @@ def main() -> int:
                                       math_texts(a.data_dir))
         studies = {}
         for k in a.counts:  # a cut k still counts (projected); the next ones are not started
-            studies[k], interrupted = measure(model_dir, k, a, extra)
-            if interrupted:
+            studies[k], stop = measure(model_dir, k, a, extra)
+            if stop:
                 break
     records = {}
     for k, d in studies.items():

@@ -252,12 +252,14 @@ def fsdp_gathered_bytes(shape: ModelShape) -> float:
 
 
 def fsdp_reduce_bytes(shape: ModelShape) -> float:
-    """A unit's gradients on their way to the reduce-scatter: computed in bf16, copied into an
-    fp32 buffer of the whole unit (reduce_dtype fp32, rlvr/fsdp.py) that lives until the
-    reduce-scatter ends on its own stream, while the next unit's bf16 gradients are computed;
-    one layer's and the root's."""
+    """Gradients on their way to the reduce-scatter. A unit's are computed in bf16 and copied
+    into an fp32 buffer of the whole unit (reduce_dtype fp32, rlvr/fsdp.py) that lives until its
+    reduce-scatter ends on its own stream, while the next layer's bf16 gradients are computed;
+    the root's (embeddings, LM head) are computed first and reduced last, so they live through
+    the whole backward, and get their own fp32 buffer at its end."""
     layer, root = _fsdp_units(shape)
-    return (BF16_BYTES + FP32_BYTES) * (layer + root)
+    return max((BF16_BYTES + FP32_BYTES) * layer + BF16_BYTES * root,
+               (BF16_BYTES + FP32_BYTES) * root)
 
 
 def reference_gib(shape: ModelShape, wl: Workload) -> float:

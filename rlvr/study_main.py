@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 
 from rlvr.cli import EXIT_INTERRUPTED
@@ -43,9 +42,8 @@ def _check_dir(study_dir: Path, spec: StudySpec, extend: bool) -> None:
 
 def _plan(a: argparse.Namespace, spec: StudySpec, study_dir: Path) -> StudyPlan:
     cards: list[Card] | None = None
-    if (a.launcher == "local" and a.gpus != "none" and a.dry_run and a.gpus and a.card_gb
-            and shutil.which("nvidia-smi") is None):
-        # planning, on a machine without GPUs, a study for cards it lacks (--gpus 0 --card_gb 79)
+    if a.launcher == "local" and a.gpus != "none" and a.dry_run and a.gpus and a.card_gb:
+        # planning a study for cards as given, whether this machine has them or not
         cards = [Card(i.strip(), a.card_gb, "planned") for i in a.gpus.split(",") if i.strip()]
     elif a.launcher == "local" and a.gpus != "none":
         cards = visible_cards(a.gpus)

@@ -224,11 +224,12 @@ def job_seconds(job: Job, table: dict, k: int) -> float | None:
     """A job's projected duration from the measured packing table (None: not measured).
 
     With the run's fixed cost measured (start-up, final save: `fixed_s`) it is fixed + steps x
-    s/step + the trainer's wait for each eval but the last + the last eval in full. A concurrent
-    eval overlaps the steps until the next one is due, so its wait is what the eval takes beyond
-    `eval_every` steps, plus the hand-over the measurement shows (its wait less that excess); an
-    eval's time grows with its problems (same samples and tokens each). An entry without these
-    figures counts every eval in full and no start-up."""
+    s/step + the trainer's wait for each eval but the last + the last eval in full. An eval's
+    time grows with its problems (same samples and tokens each). A blocking eval's wait is all
+    of it. A concurrent one overlaps the steps until the next eval is due, so its wait is what
+    it takes beyond `eval_every` steps plus the rest of the wait the measurement shows (its
+    wait less that excess: the hand-over). An entry without these figures counts every eval in
+    full and no start-up."""
     measured = table.get(short_name(job.model), {})
     entry = measured.get("per_card", {}).get(str(k))
     if not entry or job.kind != "train":
@@ -237,12 +238,15 @@ def job_seconds(job: Job, table: dict, k: int) -> float | None:
                    if s == 0 or s == job.n_steps or (job.eval_every and s % job.eval_every == 0)})
     scale = (job.eval_problems / measured["eval_problems"]
              if job.eval_problems and measured.get("eval_problems") else 1.0)
-    step_s, eval_s = entry["s_per_step"], (entry["eval_s"] or 0.0) * scale
+    step_s, eval_m = entry["s_per_step"], entry["eval_s"] or 0.0
     if entry.get("fixed_s") is None:
-        return job.n_steps * step_s + n_evals * eval_s
-    every_m = measured.get("eval_every") or job.eval_every
-    handover = entry["eval_wait_s"] - max(0.0, entry["eval_s"] - every_m * step_s)
-    wait = max(0.0, eval_s - (job.eval_every or job.n_steps) * step_s) + max(0.0, handover)
+        return job.n_steps * step_s + n_evals * eval_m * scale
+    if entry.get("concurrent_evals", True):
+        every_m = measured.get("eval_every") or job.eval_every
+        handover = max(0.0, entry["eval_wait_s"] - max(0.0, eval_m - every_m * step_s))
+        wait = max(0.0, eval_m * scale - (job.eval_every or job.n_steps) * step_s) + handover
+    else:
+        wait = entry["eval_wait_s"] * scale
     return (entry["fixed_s"] + job.n_steps * step_s + (n_evals - 1) * wait
             + entry["final_eval_s"] * scale)
 
@@ -318,6 +322,8 @@ def plan_study(spec: StudySpec, study_dir: Path, cards: list[Card] | None,
     counts, notes = None, []
     if cards is not None:
         table = read_packing_table()
+        if gpus_per_run > 1:  # whole cards per run (run_study.py refuses a count above 1)
+            runs_per_gpu = "1"
         fits, refusals, shared = share_fits(runs, args, card_gib, runs_per_gpu, table,
                                             ask_workers)
         counts, notes = per_card_counts(fits, refusals, card_gib, runs_per_gpu, table)

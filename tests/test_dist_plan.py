@@ -128,15 +128,18 @@ TINY = ModelShape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=2, head
 def test_fsdp_memory_terms_are_one_ranks_shard_plus_the_gathered_units():
     # per layer: q,k,v 8x8 + biases 24, o 8x8, MLP 3 x 8x16, two norms: 256+24+384+16 = 680
     assert TINY.n_params == 32 * 8 + 2 * 680 + 8 == 1624
-    # bf16: two layers + the root (embedding 256 + final norm 8) gathered; one layer's and the
-    # root's gradients before their reduce-scatter, in bf16 and in its fp32 input buffer
+    # bf16: two layers + the root (embedding 256 + final norm 8) gathered; a layer's gradients
+    # in bf16 and in the reduce-scatter's fp32 buffer while the root's bf16 ones wait for the
+    # end of backward (6 x 680 + 2 x 264 = 4,608 > the root's own bf16 + fp32 at the end, 1,584)
     assert fsdp_gathered_bytes(TINY) == 2 * (2 * 680 + 264)
-    assert fsdp_reduce_bytes(TINY) == (2 + 4) * (680 + 264)
+    assert fsdp_reduce_bytes(TINY) == 4608
+    wide = dataclasses.replace(TINY, vocab=4096)  # the root outweighs a layer: 6 x root at the end
+    assert fsdp_reduce_bytes(wide) == 6 * (4096 * 8 + 8)
     adamw = OPTIMIZERS["adamw"]
     sharded = policy_gib(TINY, adamw, True, fsdp_shards=4)
     assert sharded["weights"] * GIB == 1624 * 4 / 4 and sharded["grads"] * GIB == 1624
     assert sharded["optimizer"] * GIB == 1624 * 8 / 4
-    assert sharded["autocast"] * GIB == 2 * (2 * 680 + 264) + 6 * (680 + 264)
+    assert sharded["autocast"] * GIB == 2 * (2 * 680 + 264) + 4608
     # a frozen reference model is gathered like the policy but has no gradients to reduce
     ref = reference_gib(TINY, Workload(reference_model=True, fsdp_shards=4))
     assert ref * GIB == 1624 * 2 / 4 + 2 * (2 * 680 + 264)

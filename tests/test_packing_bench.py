@@ -14,7 +14,7 @@ def record(start, ready, steps, waits, end=None, n_steps=None, n_evals=3):
         spans.append((t, t + s))
         t += s
     return {"name": "r", "failed": False, "start": start, "ready": ready, "end": end,
-            "step_s": steps, "waits": waits,
+            "step_s": steps, "waits": waits, "concurrent": True,
             "eval_s": [(10 * i, w) for i, w in enumerate(waits)], "n_steps": n_steps or len(steps),
             "n_evals": n_evals, "step_spans": spans, "eval_problems": 100}
 
@@ -69,12 +69,14 @@ def test_a_study_directory_is_read_as_its_runs_say_and_a_failed_run_is_no_measur
                                                              "eval_every": 1}))
         (runs / name / "READY").write_text(json.dumps({"time": 120.0}))
     (runs / "a" / "DONE").write_text("{}")
+    (runs / "c").mkdir()  # a third run that never wrote its config: it never came up
     attempts = [{"job": "a", "event": "start", "time": 100.0},
                 {"job": "b", "event": "start", "time": 110.0},
                 {"job": "a", "event": "end", "time": 150.0, "rc": 0, "stopped": False},
                 {"job": "b", "event": "end", "time": 151.0, "rc": 1, "stopped": False}]
     (study / "attempts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in attempts))
     a, b = run_records(study)
+    assert a["concurrent"] is True  # its step-2 eval logged the trainer's wait
     assert (a["start"], a["ready"], a["end"], a["failed"]) == (100.0, 120.0, 150.0, False)
     assert (a["n_evals"], a["step_s"], a["waits"], a["eval_problems"]) == (3, [2.0, 2.5],
                                                                          [9.0, 1.5], 50)
@@ -82,8 +84,11 @@ def test_a_study_directory_is_read_as_its_runs_say_and_a_failed_run_is_no_measur
     assert b["end"] is None and b["failed"] is True
     assert "run b failed" in usable(2, [a, b])
     assert usable(3, [a]) == "only 1 of its 3 runs came up (READY)"
-    b["failed"] = False  # stopped by a signal instead: a cut run, projected
-    assert usable(2, [a, b]) is None
+    attempts[-1]["stopped"] = True  # stopped by the runner on a signal: a cut run, projected
+    (study / "attempts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in attempts))
+    a, b = run_records(study)
+    assert b["failed"] is False and b["end"] is None and usable(2, [a, b]) is None
+    assert usable(1, [dict(a, step_s=[])]) == "no step was logged"
 
 
 def test_only_steps_run_beside_every_other_run_count_as_packed():

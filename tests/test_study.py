@@ -197,6 +197,12 @@ def test_a_projection_with_measured_start_up_counts_the_waits_for_concurrent_eva
     assert job_seconds(job, table, 1) == pytest.approx(1931.0)
     job.eval_problems = 250
     assert job_seconds(job, table, 1) == pytest.approx(471.0)
+    # evals that blocked the trainer (no eval engine of their own) cost it all their time:
+    # 90 + 240 + 8 x 40 + 45 = 695 at 250 problems, 90 + 240 + 8 x 200 + 225 = 2,155 at 1,250
+    table["M-0.5B"]["per_card"]["1"].update(concurrent_evals=False, eval_wait_s=40.0)
+    assert job_seconds(job, table, 1) == pytest.approx(695.0)
+    job.eval_problems = 1250
+    assert job_seconds(job, table, 1) == pytest.approx(2155.0)
 
 
 def test_final_evaluations_follow_their_runs_with_the_runs_share(tmp_path):
