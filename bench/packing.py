@@ -223,6 +223,15 @@ def print_table(name: str, card: str, entry: dict) -> None:
               f"{v.get('fixed_s')} | {v['wall_s']} | {v['aggregate']} | {note} |")
 
 
+def count_dir(text: str) -> tuple[int, Path]:
+    """--from_dirs' K=DIR: runs per card, and an existing study directory."""
+    k, _, d = text.partition("=")
+    if not k.isdigit() or int(k) < 1 or not (Path(d) / "attempts.jsonl").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K=DIR, K >= 1 and DIR a study "
+                                         "directory (with attempts.jsonl)")
+    return int(k), Path(d)
+
+
 def main() -> int:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -241,7 +250,7 @@ def main() -> int:
     ap.add_argument("--studies", default="/tmp/rlvr_packing")
     ap.add_argument("--write", action="store_true", help="merge the entry into "
                                                           "rlvr/packing.json")
-    ap.add_argument("--from_dirs", nargs="+", metavar="K=DIR", default=None,
+    ap.add_argument("--from_dirs", nargs="+", metavar="K=DIR", default=None, type=count_dir,
                     help="summarize these finished (or cut) study directories of k runs per card "
                          "instead of running (e.g. copied back from the GPU)")
     ap.add_argument("--card", default=None, help="the card's name (default: nvidia-smi's)")
@@ -254,7 +263,7 @@ def main() -> int:
     except FileNotFoundError:
         card = "unknown (no nvidia-smi; pass --card)"
     if a.from_dirs:
-        studies = {int(k): Path(d) for k, d in (x.split("=", 1) for x in a.from_dirs)}
+        studies = dict(a.from_dirs)
     else:
         model_dir = build_random_qwen(a.shape, Path(a.model_root) / name,
                                       math_texts(a.data_dir))

@@ -370,3 +370,23 @@ def test_a_dry_run_plans_for_cards_this_machine_lacks_and_writes_nothing(
     assert "GPU memory plan, GiB (budget 79.0)" in out
     assert "no measured step and eval times" in out
     assert not study.exists()
+
+
+def test_auto_gives_a_run_of_whole_cards_no_card_mates(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                       monkeypatch):
+    """A measured 1.5x at 2 per card packs single-card runs; a run on 2 whole cards
+    (--gpus_per_run 2, torchrun) is never told it has half of each."""
+    import rlvr.study_schedule as schedule
+    from rlvr.study import short_name
+
+    table = {short_name(str(tiny_model_dir)): {"card": "H200", "per_card": {
+        "1": {"aggregate": 1.0}, "2": {"aggregate": 1.5}}}}
+    monkeypatch.setattr(schedule, "read_packing_table", lambda: table)
+    spec_ = spec(models=(str(tiny_model_dir),), objectives=("NSR",), seeds=(1, 2),
+                 flags=("--n_train_steps", "2", "--data_dir", str(tiny_data_dir)))
+    cards = [Card("0", 12.0), Card("1", 12.0)]
+    packed = plan_study(spec_, tmp_path / "st", cards, 12.0, "auto", 1, ask_workers=2)
+    assert packed.counts == {str(tiny_model_dir): 2}
+    whole = plan_study(spec_, tmp_path / "st", cards, 12.0, "auto", 2, ask_workers=2)
+    assert whole.counts == {str(tiny_model_dir): 1}
+    assert all(j.share == 1.0 and j.gpus == 2 for j in whole.jobs)
