@@ -104,9 +104,9 @@ class Config:
     plan_json: bool = _opt(False, "with --dry_run: print one JSON object instead of the table: "
                                   "config (the resolved settings), plan (the memory plan and its "
                                   "printed table; null without a GPU or --gpu_memory_gb, "
-                                  "{\"error\": ...} when it cannot fit), min_budget_gib (the "
-                                  "smallest budget it fits), model_error (why --model_id cannot "
-                                  "load, or null), eval_problems; bad flags still exit 2. "
+                                  "{\"error\": ...} when it cannot fit), model_error (why "
+                                  "--model_id cannot load, or null), eval_problems; bad flags "
+                                  "still exit 2. "
                                   "run_study.py asks this before it starts a study")
     # --- evaluation
     eval_every: int = _opt(10, "evaluate every N steps (also at step 0 and after the last step)")

@@ -21,7 +21,6 @@ from rlvr.config import Config
 from rlvr.logprobs import LOGIT_CHUNK_TOKENS
 from rlvr.memory import (
     KNOWN_SHAPES,
-    MIN_HEADROOM_SHARE,
     PlanError,
     Workload,
     model_shape_from_config,
@@ -247,8 +246,7 @@ def plan_report(cfg: Config) -> dict:
     """`--dry_run --plan_json`: what run_study.py needs before it starts this run, found the way
     the run itself would find it. `plan` is None with no budget to plan for (no GPU and no
     --gpu_memory_gb), {"error": why} when the run cannot fit, else the plan as config.json
-    records it plus "table" (the printed plan); `min_budget_gib` is the smallest
-    budget under which this plan still fits; `model_error` says why --model_id cannot load;
+    records it plus "table" (the printed plan); `model_error` says why --model_id cannot load;
     `eval_problems` is how many problems each eval will have."""
     from rlvr.modeling import ModelSourceError, check_model_source
 
@@ -257,16 +255,15 @@ def plan_report(cfg: Config) -> dict:
         model_error = None
     except ModelSourceError as e:
         model_error = str(e)
-    plan, min_budget = None, None
+    plan = None
     if cfg.gpu_memory_gb is not None or card_gib() is not None:
         try:
             p, _ = choose_plan(cfg, eval_problem_count(cfg))
             plan = {**p.to_dict(), "table": p.format_table()}
-            min_budget = p.planned_peak_gib / (1 - MIN_HEADROOM_SHARE)
         except PlanError as e:
             plan = {"error": str(e)}
-    return {"config": cfg.to_json(), "plan": plan, "min_budget_gib": min_budget,
-            "model_error": model_error, "eval_problems": eval_problem_count(cfg)}
+    return {"config": cfg.to_json(), "plan": plan, "model_error": model_error,
+            "eval_problems": eval_problem_count(cfg)}
 
 
 @dataclass

@@ -258,7 +258,6 @@ class RunPlan:
     """MATH_experiment.py's answer for one distinct run (`--dry_run --plan_json`)."""
     config: dict
     plan: dict | None
-    min_budget_gib: float | None
     model_error: str | None
     eval_problems: int | None = None  # problems per eval
 
