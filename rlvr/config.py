@@ -126,8 +126,13 @@ class Config:
                                         "goes on (the same records as a blocking eval); auto = "
                                         "on a GPU with vLLM, one process, where the memory plan "
                                         "fits the second engine", choices=("auto", "true", "false"))
-    eval_max_num_seqs: int = _opt(1024, "most sequences the concurrent eval engine decodes at "
-                                        "once (its KV cache and CUDA graphs are sized for them)")
+    eval_max_num_seqs: int = _opt(1024, "most sequences the concurrent eval engines decode at "
+                                        "once, all together (their KV caches and CUDA graphs "
+                                        "are sized for their shares)")
+    eval_engines: int = _opt(2, "concurrent eval engines, each in a process of its own "
+                                "evaluating a contiguous share of the problems: one vLLM "
+                                "engine's per-step CPU work, not the GPU, bounds an eval's "
+                                "speed; the memory plan takes fewer where they do not fit")
     async_rollout: bool = _opt(False, "one-step-off-policy rollouts: the rollout engine (in a "
                                       "process of its own) generates step t+1's batch with the "
                                       "weights of step t-1 while step t's update runs, so every "
@@ -178,7 +183,7 @@ class Config:
     def validate(self) -> str | None:
         """The first inconsistent or out-of-range setting, as a one-line message; None if fine."""
         positive_ints = ("max_tokens", "rollout_batch_size", "rollouts_per_prompt",
-                         "eval_max_num_seqs",
+                         "eval_max_num_seqs", "eval_engines",
                          "max_prompt_tokens", "eval_every", "eval_n", "vllm_max_num_seqs",
                          "rollout_tp",
                          "mini_batch_size", "micro_batch_tokens", "eval_limit", "eval_max_tokens",
@@ -301,7 +306,8 @@ RESUMABLE_FIELDS = {"n_train_steps", "eval_every", "eval_n", "eval_temperature",
                     "gpu_mem_util", "vllm_sleep", "vllm_max_num_seqs", "output_dir",
                     "logprob_gap_every", "gpu_memory_gb", "host_memory_gb", "micro_batch_tokens",
                     "gradient_checkpointing", "dry_run", "debug", "compile", "rollout_tp",
-                    "plan_json", "study", "study_axes", "concurrent_eval", "eval_max_num_seqs"}
+                    "plan_json", "study", "study_axes", "concurrent_eval", "eval_max_num_seqs",
+                    "eval_engines"}
 
 
 def _help_text(f: dataclasses.Field) -> str:

@@ -201,6 +201,20 @@ def run_eval(engine, grader: BatchGrader, problems: list[EvalProblem], *, n: int
     return res
 
 
+def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
+    """One eval's result from those of its contiguous shards, in shard order: the records and
+    scores of the whole set in its own order, as one engine would have given them. The shards
+    ran at the same time, so their times are the slowest shard's."""
+    out = EvalResult(records=[r for p in parts for r in p.records],
+                     scores=[s for p in parts for s in p.scores])
+    for key in ("n_timeouts", "n_graded", "n_tokens"):
+        setattr(out, key, sum(getattr(p, key) for p in parts))
+    for key in ("gen_s", "grade_wait_s", "grade_s", "wall_s"):
+        setattr(out, key, max((getattr(p, key) for p in parts), default=0.0))
+    out.timing = {"shards": [p.timing for p in parts]}
+    return out
+
+
 def training_eval_metrics(result: EvalResult) -> dict[str, float]:
     """The in-loop eval's metrics: summarize_eval's keys (pass@1, pass@1_se, pass@k, pass@k_se,
     pass@1/<subject>, pass@1/level_<n>, n_problems, n_samples_per_problem) plus n_samples,

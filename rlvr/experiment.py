@@ -89,7 +89,7 @@ class Run:
     ref_model: torch.nn.Module | None = None  # PolicyLogprobs of the frozen initial policy
     mem_sampler: ProcessMemorySampler | None = None
     history: list = field(default_factory=list)
-    eval_engine: EngineProcess | None = None  # the concurrent eval's (rlvr/loop_evals.py)
+    eval_engines: tuple = ()  # the concurrent evals' engine processes (rlvr/loop_evals.py)
     rollouts: OnPolicy | OneStepOff | None = None  # step 1's source (rlvr/rollout_source.py)
 
 
@@ -299,7 +299,7 @@ def build(cfg: Config) -> Run:
                PromptSampler(len(train.rows), cfg.seed), torch.Generator().manual_seed(cfg.seed),
                UpdateSettings.for_run(cfg, mem, tokenizer.pad_token_id, device), models.reference,
                ProcessMemorySampler() if device.type == "cuda" else None,
-               eval_engine=models.eval_engine)
+               eval_engines=models.eval_engines)
 
 
 def rollout_source(run: Run, step: int) -> OnPolicy | OneStepOff:
@@ -327,7 +327,7 @@ def train(cfg: Config, claim: Claim) -> dict:
     try:
         return _train(cfg, claim, r)
     finally:  # engine processes are not daemons: a run that stops, however, ends them
-        for proc in (r.engine, r.eval_engine):
+        for proc in (r.engine, *r.eval_engines):
             if isinstance(proc, EngineProcess):
                 proc.close()
         r.grader.close()
@@ -348,7 +348,7 @@ def _train(cfg: Config, claim: Claim, r: Run) -> dict:
           f"({r.train.n_skipped} skipped), {len(r.evalset)} eval problems", flush=True)
     eta = Eta(cfg, step, history_eval_seconds(r.history))
     r.rollouts = rollout_source(r, step)
-    evals = LoopEvals(r, logger, r.eval_engine)  # blocking, or concurrent on its own engine
+    evals = LoopEvals(r, logger, r.eval_engines)  # blocking, or concurrent on engines of its own
     try:
         if step == 0 and not r.history:
             evals.start(0)

@@ -3,11 +3,12 @@
 An eval runs one of two ways, with the same records either way (the same weights and the same
 per-problem seeds, rlvr/sampling.py):
 - on the rollout engine, the trainer waiting for it;
-- concurrently (--concurrent_eval): on an eval engine in a process of its own
-  (rlvr/engine_process.py), which receives a copy of step k's weights and evaluates them while
-  the next training steps run. One eval is in flight at a time; the trainer waits only when the
-  next one is due before the last has finished, before a checkpoint (which must hold every eval
-  up to its step) and at the end of the run.
+- concurrently (--concurrent_eval): on eval engines in processes of their own
+  (rlvr/engine_process.py), each of which receives a copy of step k's weights and evaluates its
+  contiguous share of the problems while the next training steps run (one vLLM engine is bound
+  by its per-step CPU work, so several share the card's GPU time). One eval is in flight at a
+  time; the trainer waits only when the next one is due before the last has finished, before a
+  checkpoint (which must hold every eval up to its step) and at the end of the run.
 
 The loop calls `start(step)` where an eval is due and `collect()` after every step; neither says
 which way the eval ran.
@@ -17,13 +18,20 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rlvr import dist
 from rlvr.engine_process import EngineProcess
-from rlvr.eval_run import EvalResult, eval_examples, run_eval, training_eval_metrics
+from rlvr.eval_run import (
+    EvalResult,
+    eval_examples,
+    merge_eval_results,
+    run_eval,
+    training_eval_metrics,
+)
 from rlvr.evaluation import problem_results
 from rlvr.fsdp import full_tensors
 from rlvr.tracking import RunLogger, memory_metrics
@@ -32,15 +40,16 @@ from rlvr.tracking import RunLogger, memory_metrics
 @dataclass
 class _InFlight:
     step: int
-    ticket: int
+    tickets: list[int]  # one per eval engine, in shard order
     waited_s: float  # the trainer's time spent handing the weights over
 
 
 class LoopEvals:
-    """Starts, collects and logs a run's evals. `run` is experiment.Run."""
+    """Starts, collects and logs a run's evals. `run` is experiment.Run; no `eval_engines`:
+    every eval blocks on the rollout engine."""
 
-    def __init__(self, run, logger: RunLogger, eval_engine: EngineProcess | None = None):
-        self.run, self.logger, self.eval_engine = run, logger, eval_engine
+    def __init__(self, run, logger: RunLogger, eval_engines: Sequence[EngineProcess] = ()):
+        self.run, self.logger, self.eval_engines = run, logger, list(eval_engines)
         self.pending: _InFlight | None = None
         self.done: list[float] = []  # the trainer's seconds per eval since the last collect()
 
@@ -53,27 +62,31 @@ class LoopEvals:
 
     def start(self, step: int) -> None:
         """Evaluate the policy's weights as they are now, as the eval of `step`."""
-        if self.eval_engine is None:
+        if not self.eval_engines:
             t0 = time.perf_counter()
             result = self._blocking(step)
             self._log(step, result, time.perf_counter() - t0, waited_s=None)
             return
-        if self.pending is not None:  # one in flight: the engine serves requests in order
+        if self.pending is not None:  # one in flight: the engines serve requests in order
             self.collect(wait=True)
         t0 = time.perf_counter()
-        self.eval_engine.load_weights(full_tensors(self.run.policy,
-                                                   self.eval_engine.weights_dtype))
-        ticket = self.eval_engine.submit("eval", problems=self.run.evalset, **self._params(),
-                                         label=f"step {step}")
-        self.pending = _InFlight(step, ticket, time.perf_counter() - t0)
+        tickets, n = [], len(self.eval_engines)
+        for i, engine in enumerate(self.eval_engines):
+            # each engine starts on its share as soon as it holds the weights, while the next
+            # one receives them
+            engine.load_weights(full_tensors(self.run.policy, engine.weights_dtype))
+            tickets.append(engine.submit("eval", problems=dist.shard(self.run.evalset, n, i),
+                                         **self._params(), label=f"step {step}"))
+        self.pending = _InFlight(step, tickets, time.perf_counter() - t0)
 
     def collect(self, wait: bool = False) -> list[float]:
         """Log the evals that have finished (all of them with `wait`); the trainer's seconds
         spent on each (what the ETA counts per eval)."""
         p = self.pending
-        if p is not None and (wait or self.eval_engine.ready(p.ticket)):
+        pairs = list(zip(self.eval_engines, p.tickets)) if p is not None else []
+        if p is not None and (wait or all(e.ready(t) for e, t in pairs)):
             t0 = time.perf_counter()
-            result = self.eval_engine.result(p.ticket)
+            result = merge_eval_results([e.result(t) for e, t in pairs])
             waited = p.waited_s + time.perf_counter() - t0
             self.pending = None
             self._log(p.step, result, p.waited_s + result.wall_s, waited)
@@ -118,5 +131,5 @@ class LoopEvals:
         self.done.append(eval_s if waited_s is None else waited_s)
 
     def close(self) -> None:
-        if self.eval_engine is not None:
-            self.eval_engine.close()
+        for engine in self.eval_engines:
+            engine.close()

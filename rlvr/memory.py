@@ -194,11 +194,17 @@ class Workload:
     # replicated (DDP); one vLLM engine spans `rollout_tp` GPUs (tensor parallel).
     fsdp_shards: int | None = None
     rollout_tp: int = 1
-    # Engine processes (rlvr/engine_process.py): a second engine that evaluates concurrently,
-    # decoding up to this many sequences at once (None: evals run on the rollout engine); and
-    # the rollout engine in a process of its own for one-step-off rollouts (it never sleeps).
+    # Engine processes (rlvr/engine_process.py): `eval_engines` engines that evaluate
+    # concurrently, each its share of the problems, each decoding up to `eval_engine_seqs`
+    # sequences at once (None: evals run on the rollout engine); and the rollout engine in a
+    # process of its own for one-step-off rollouts (it never sleeps).
     eval_engine_seqs: int | None = None
+    eval_engines: int = 1
     async_rollout: bool = False
+
+    @property
+    def eval_seqs_per_engine(self) -> int:
+        return -(-self.eval_seqs // max(self.eval_engines, 1))
 
     @property
     def max_model_len(self) -> int:
@@ -316,21 +322,23 @@ def kv_tokens_wanted(wl: Workload) -> int:
 
 
 def eval_engine_kv_tokens(wl: Workload) -> int:
-    """The concurrent eval engine's KV cache: its decode concurrency at typical length."""
-    seqs = min(wl.eval_engine_seqs or 0, wl.eval_seqs)
+    """One concurrent eval engine's KV cache: its decode concurrency at typical length."""
+    seqs = min(wl.eval_engine_seqs or 0, wl.eval_seqs_per_engine)
     return _blocks(max(seqs * (wl.typical_prompt_tokens + wl.eval_max_tokens), wl.max_model_len))
 
 
 def engine_processes_gib(shape: ModelShape, wl: Workload) -> float:
-    """What engine processes add on the card, in every phase (they never sleep): a concurrent
-    eval engine's bf16 weights, KV cache, overhead and CUDA context; the CUDA context of a
-    rollout engine in its own process (its weights and KV cache are the vLLM rows); and the
-    trainer's transfer buffer for either."""
+    """What engine processes add on the card, in every phase (they never sleep): each
+    concurrent eval engine's bf16 weights, KV cache, overhead and CUDA context; the CUDA context
+    of a rollout engine in its own process (its weights and KV cache are the vLLM rows); and the
+    trainer's one transfer buffer for all of them."""
     gib = 0.0
     if wl.eval_engine_seqs:
-        gib += (shape.n_params * BF16_BYTES + eval_engine_kv_tokens(wl) * shape.kv_bytes_per_token
-                + min(wl.eval_engine_seqs, wl.eval_seqs) * shape.vocab * SAMPLER_LOGIT_BYTES
-                ) / GIB + VLLM_OVERHEAD_GIB + CUDA_CONTEXT_GIB
+        seqs = min(wl.eval_engine_seqs, wl.eval_seqs_per_engine)
+        gib += wl.eval_engines * (
+            (shape.n_params * BF16_BYTES + eval_engine_kv_tokens(wl) * shape.kv_bytes_per_token
+             + seqs * shape.vocab * SAMPLER_LOGIT_BYTES) / GIB
+            + VLLM_OVERHEAD_GIB + CUDA_CONTEXT_GIB)
     if wl.async_rollout:
         gib += CUDA_CONTEXT_GIB
     return gib + (ENGINE_TRANSFER_GIB if gib else 0.0)

@@ -47,10 +47,11 @@ class MemoryPlan:
     headroom_gib: float
     cpu_gib: float  # optimizer state kept in host memory (adamw_offload)
     notes: tuple[str, ...]
-    # the concurrent eval engine's decode concurrency and kv_cache_memory_bytes (None: evals on
-    # the rollout engine)
+    # how many concurrent eval engines, and each one's decode concurrency and
+    # kv_cache_memory_bytes (None: evals on the rollout engine)
     eval_engine_seqs: int | None = None
     eval_kv_cache_bytes: int | None = None
+    eval_engines: int = 1
 
     def to_dict(self) -> dict:
         """JSON-safe, for config.json."""
@@ -115,6 +116,7 @@ def _make_plan(req: PlanRequest, e: Candidate, notes: list[str]) -> MemoryPlan:
         train_peak_gib=train, planned_peak_gib=peak, budget_gib=req.budget,
         headroom_gib=req.budget - peak, cpu_gib=req.shape.n_params * spec.cpu_bytes / GIB,
         notes=tuple(notes), eval_engine_seqs=req.wl.eval_engine_seqs,
+        eval_engines=req.wl.eval_engines if req.wl.eval_engine_seqs else 1,
         eval_kv_cache_bytes=(eval_engine_kv_tokens(req.wl) * req.shape.kv_bytes_per_token
                              if req.wl.eval_engine_seqs else None))
 
@@ -132,7 +134,7 @@ _ROWS = (  # label, components added up
     ("vLLM overhead (graphs, sampler)", ("vllm_overhead",)),
     ("vLLM start-up, above optimizer state", ("vllm_startup",)),
     ("CUDA context + fragmentation", ("context", "fragmentation")),
-    ("engine processes (eval engine, transfer buffer)", ("engine_processes",)),
+    ("engine processes (eval engines, transfer buffer)", ("engine_processes",)),
 )
 
 
@@ -158,7 +160,8 @@ def _format_table(p: MemoryPlan) -> str:
     kv = (f"KV {p.kv_cache_bytes / GIB:.2f} GiB" if p.kv_cache_bytes is not None
           else f"vLLM share {p.vllm_share_gib:.1f} GiB")
     if p.eval_engine_seqs:
-        kv += (f" | eval engine {p.eval_engine_seqs} seqs, KV "
+        many = f"{p.eval_engines} eval engines x" if p.eval_engines > 1 else "eval engine"
+        kv += (f" | {many} {p.eval_engine_seqs} seqs, KV "
                f"{p.eval_kv_cache_bytes / GIB:.2f} GiB")
     lines.append(f"{p.optim} ({'exact' if p.optim_exact else 'not exact'}) | ckpt "
                  f"{'on' if p.gradient_checkpointing else 'off'} | vLLM sleep "

@@ -63,7 +63,8 @@ def read_model_config(model_id: str) -> tuple[dict, str]:
 
 
 def workload(cfg: Config, eval_problems: int, world_size: int = 1,
-             fsdp: bool = False, eval_engine_seqs: int | None = None) -> Workload:
+             fsdp: bool = False, eval_engine_seqs: int | None = None,
+             eval_engines: int = 1) -> Workload:
     """What one rank needs at once: its engine's share of the rollouts and the eval (one engine
     per --rollout_tp ranks of a `world_size`-rank job), its policy state sharded under FSDP, and
     the engine processes: a concurrent eval engine, the rollout engine of --async_rollout."""
@@ -76,7 +77,7 @@ def workload(cfg: Config, eval_problems: int, world_size: int = 1,
                     max_num_seqs=cfg.vllm_max_num_seqs, reference_model=cfg.kl_coef > 0,
                     logit_chunk_tokens=LOGIT_CHUNK_TOKENS,
                     fsdp_shards=world_size if fsdp else None, rollout_tp=cfg.rollout_tp,
-                    eval_engine_seqs=eval_engine_seqs,
+                    eval_engine_seqs=eval_engine_seqs, eval_engines=eval_engines,
                     async_rollout=cfg.async_rollout)
 
 
@@ -117,9 +118,10 @@ def saved_mode(cfg: Config) -> str | None:
 
 
 def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False,
-             eval_engine_seqs: int | None = None) -> MemoryPlan:
+             eval_engine_seqs: int | None = None, eval_engines: int = 1) -> MemoryPlan:
     """The memory plan for one rank of this run on this card (or on --gpu_memory_gb), the
-    policy sharded (FSDP) or not, evals on a concurrent engine or not; PlanError with the
+    policy sharded (FSDP) or not, evals on `eval_engines` concurrent engines of
+    `eval_engine_seqs` sequences each or on the rollout engine (None); PlanError with the
     one-line reason (cause; fix) when there is none."""
     budget = cfg.gpu_memory_gb or card_gib()
     if budget is None:
@@ -135,7 +137,7 @@ def plan_for(cfg: Config, eval_problems: int, fsdp: bool = False,
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from None
     forced = {"true": True, "false": False}
     optim = saved_optimizer(cfg) or ("adamw" if fsdp else cfg.optim)
-    wl = workload(cfg, eval_problems, dist.launched().size, fsdp, eval_engine_seqs)
+    wl = workload(cfg, eval_problems, dist.launched().size, fsdp, eval_engine_seqs, eval_engines)
     return plan_memory(
         shape, wl, budget, optim=optim,
         gradient_checkpointing=forced.get(str(cfg.gradient_checkpointing).lower(), "auto"),
@@ -156,8 +158,10 @@ def eval_engine_choice(cfg: Config) -> str:
     return "if free"
 
 
-# An eval engine of fewer sequences decodes too little at once to be worth its memory.
+# Concurrent eval engines decoding fewer sequences than these, all together and each, decode
+# too little at once to be worth their memory.
 MIN_EVAL_ENGINE_SEQS = 256
+MIN_SEQS_PER_EVAL_ENGINE = 128
 
 
 def _same_update(a: MemoryPlan, b: MemoryPlan) -> bool:
@@ -165,25 +169,38 @@ def _same_update(a: MemoryPlan, b: MemoryPlan) -> bool:
         b.optim, b.gradient_checkpointing, b.sleep, b.micro_batch_tokens)
 
 
+def eval_engine_options(cfg: Config) -> list[tuple[int, int]]:
+    """(engines, sequences each) in the order the plan tries them: --eval_engines engines
+    sharing --eval_max_num_seqs, then the same with half as many sequences (down to
+    MIN_EVAL_ENGINE_SEQS in all and MIN_SEQS_PER_EVAL_ENGINE each), then one engine fewer, and
+    so on down to one engine (always tried, with at least one sequence)."""
+    options = []
+    for engines in range(cfg.eval_engines, 0, -1):
+        seqs = cfg.eval_max_num_seqs
+        while engines == 1 or seqs // engines >= MIN_SEQS_PER_EVAL_ENGINE:
+            options.append((engines, max(seqs // engines, 1)))
+            if seqs // 2 < MIN_EVAL_ENGINE_SEQS:
+                break
+            seqs //= 2
+    return options
+
+
 def _with_eval_engine(cfg: Config, eval_problems: int, fsdp: bool) -> MemoryPlan:
-    """The plan with a concurrent eval engine of --eval_max_num_seqs sequences, else of half as
-    many (down to MIN_EVAL_ENGINE_SEQS); auto takes one only where the update keeps the choices
-    it has without (no sleep, checkpointing or smaller micro-batches added for its room)."""
+    """The plan with the first of eval_engine_options that fits; auto takes concurrent eval
+    engines only where the update keeps the choices it has without (no sleep, checkpointing or
+    smaller micro-batches added for their room)."""
     choice = eval_engine_choice(cfg)
     if choice == "never":
         return plan_for(cfg, eval_problems, fsdp)
     alone = None if choice == "must" else plan_for(cfg, eval_problems, fsdp)
-    seqs, error = cfg.eval_max_num_seqs, None
-    while True:
+    error = None
+    for engines, seqs in eval_engine_options(cfg):
         try:
-            plan = plan_for(cfg, eval_problems, fsdp, seqs)
+            plan = plan_for(cfg, eval_problems, fsdp, seqs, engines)
             if alone is None or _same_update(plan, alone):
                 return plan
         except PlanError as e:
             error = e
-        if seqs // 2 < MIN_EVAL_ENGINE_SEQS:
-            break
-        seqs //= 2
     if alone is None:
         raise error or PlanError("no room for the concurrent eval engine")
     print("note: a concurrent eval engine does not fit beside this run without slowing its "
@@ -278,9 +295,11 @@ class Resolved:
     # micro-batches packed into one row (varlen attention, no padding): set by load_models
     packed: bool = False
     fsdp: bool = False  # the policy sharded over the job's GPUs (FSDP2), not replicated (DDP)
-    # evals on an engine process of their own (rlvr/loop_evals.py) decoding this many at once
+    # evals on engine processes of their own (rlvr/loop_evals.py), each decoding this many at
+    # once with a KV cache of this many bytes
     eval_engine_seqs: int | None = None
     eval_kv_cache_bytes: int | None = None
+    eval_engines: int = 1
 
 
 def memory_fraction(plan: MemoryPlan, card: float, async_rollout: bool = False) -> float:
@@ -302,9 +321,11 @@ def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Res
     if device.type != "cuda":
         gc = {"true": True}.get(str(cfg.gradient_checkpointing).lower(), False)
         optim = CPU_DEFAULTS["optim"] if cfg.optim == "auto" else cfg.optim
+        must = eval_engine_choice(cfg) == "must"
+        engines, seqs = eval_engine_options(cfg)[0]
         return Resolved(optim, gc, cfg.micro_batch_tokens or CPU_DEFAULTS["micro_batch_tokens"],
-                        eval_engine_seqs=(cfg.eval_max_num_seqs
-                                          if eval_engine_choice(cfg) == "must" else None))
+                        eval_engine_seqs=seqs if must else None,
+                        eval_engines=engines if must else 1)
     plan, fsdp = chosen_plan(cfg, eval_problems)
     print(plan.format_table(), flush=True)
     budget = cfg.gpu_memory_gb
@@ -314,7 +335,7 @@ def resolve_memory(cfg: Config, device: torch.device, eval_problems: int) -> Res
     return Resolved(plan.optim, plan.gradient_checkpointing, plan.micro_batch_tokens,
                     plan.sleep, plan.kv_cache_bytes, plan.to_dict(), fsdp=fsdp,
                     eval_engine_seqs=plan.eval_engine_seqs,
-                    eval_kv_cache_bytes=plan.eval_kv_cache_bytes)
+                    eval_kv_cache_bytes=plan.eval_kv_cache_bytes, eval_engines=plan.eval_engines)
 
 
 # ----------------------------------------------------------------------------- models and engine

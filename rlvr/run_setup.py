@@ -125,17 +125,33 @@ def compile_policy(policy, device: torch.device, sharded: bool = False) -> None:
 
 
 def start_engine_process(cfg: Config, mem: Resolved, model_dir: str, *, evals: bool):
-    """An engine in a process of its own (rlvr/engine_process.py) as the plan sized it: the
-    concurrent eval engine (with a grader), or the rollout engine of --async_rollout."""
+    """An engine in a process of its own (rlvr/engine_process.py) as the plan sized it: a
+    concurrent eval engine (with a grader: its share of --grader_workers), or the rollout
+    engine of --async_rollout."""
     from rlvr.engine_process import EngineProcess, EngineSpec
 
     longest = (cfg.eval_max_tokens or cfg.max_tokens if evals
                else max(cfg.max_tokens, cfg.eval_max_tokens or 0))
+    graders = cfg.grader_workers or min(8, os.cpu_count() or 1)
     return EngineProcess(EngineSpec(
         backend=cfg.backend, model_dir=model_dir, max_model_len=cfg.max_prompt_tokens + longest,
         seed=cfg.seed, max_num_seqs=mem.eval_engine_seqs if evals else cfg.vllm_max_num_seqs,
         kv_cache_bytes=mem.eval_kv_cache_bytes if evals else mem.kv_cache_bytes,
-        grader=evals, grader_workers=cfg.grader_workers, grade_timeout_s=cfg.grade_timeout_s))
+        grader=evals, grader_workers=max(1, graders // mem.eval_engines),
+        grade_timeout_s=cfg.grade_timeout_s))
+
+
+def start_eval_engines(cfg: Config, mem: Resolved, model_dir: str) -> list:
+    """The plan's concurrent eval engines (none where it has none), not waited for."""
+    engines = []
+    try:
+        for _ in range(mem.eval_engines if mem.eval_engine_seqs else 0):
+            engines.append(start_engine_process(cfg, mem, model_dir, evals=True))
+    except BaseException:
+        for proc in engines:
+            proc.close()
+        raise
+    return engines
 
 
 class Models(NamedTuple):
@@ -145,7 +161,7 @@ class Models(NamedTuple):
     optimizer: torch.optim.Optimizer
     engine: RolloutEngine          # in this process, or (--async_rollout) an engine process
     reference: torch.nn.Module | None  # PolicyLogprobs of the frozen initial policy (--kl_coef)
-    eval_engine: object = None     # the concurrent eval's engine process (rlvr/loop_evals.py)
+    eval_engines: tuple = ()       # the concurrent evals' engine processes (rlvr/loop_evals.py)
 
 
 def _trainer(policy: torch.nn.Module, device: torch.device, sharded: bool,
@@ -184,16 +200,15 @@ def load_models(cfg: Config, device: torch.device, mem: Resolved) -> Models:
     # Engine processes first, and not waited for: they build (vLLM: ~1 min of compiling and
     # graph capture) while this process loads the policy (and the in-process rollout engine).
     # Every engine is given its KV cache in bytes, so none profiles the memory the others take.
-    processes = {"engine": start_engine_process(cfg, mem, model_dir, evals=False)
-                 if cfg.async_rollout else None,
-                 "eval_engine": start_engine_process(cfg, mem, model_dir, evals=True)
-                 if mem.eval_engine_seqs else None}
-    started = [p for p in processes.values() if p is not None]
+    rollout = start_engine_process(cfg, mem, model_dir, evals=False) if cfg.async_rollout else None
+    started = [rollout] if rollout is not None else []
     try:
-        models = _load_models(cfg, device, mem, model_dir, processes["engine"])
+        evals = start_eval_engines(cfg, mem, model_dir)
+        started += evals
+        models = _load_models(cfg, device, mem, model_dir, rollout)
         for proc in started:
             proc.wait_ready()
-        return models._replace(eval_engine=processes["eval_engine"])
+        return models._replace(eval_engines=tuple(evals))
     except BaseException:  # a refusal or a failure: no engine process may outlive us
         for proc in started:
             proc.close()

@@ -126,3 +126,19 @@ def test_format_eval_table():
     assert "0.3750" in lines[3]  # pass@1 at step 100
     assert format_eval_table([]) == "(no evaluations)"
     print(table)
+
+
+def test_merged_shards_read_as_one_eval_in_the_sets_order():
+    from rlvr.eval_run import EvalResult, merge_eval_results
+
+    def part(ids, tokens, wall):
+        recs = [{"problem_id": i, "sample": j} for i in ids for j in range(2)]
+        return EvalResult(records=recs, scores=[[1.0, 0.0] for _ in ids], n_tokens=tokens,
+                          n_graded=len(recs), wall_s=wall, gen_s=wall - 1)
+
+    merged = merge_eval_results([part(["a", "b"], 10, 5.0), part(["c"], 7, 8.0),
+                                 EvalResult(records=[], scores=[])])  # a share with no problems
+    assert [(r["problem_id"], r["sample"]) for r in merged.records] == [
+        ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+    assert len(merged.scores) == 3 and merged.n_tokens == 17 and merged.n_graded == 6
+    assert (merged.wall_s, merged.gen_s) == (8.0, 7.0)  # the shards ran side by side

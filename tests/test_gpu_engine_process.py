@@ -69,17 +69,17 @@ def test_a_concurrent_eval_on_vllm_gives_the_records_of_a_blocking_one(random_qw
                              "--concurrent_eval", "true", "--eval_max_num_seqs", "256"))
     run = experiment.build(cfg)
     try:
-        assert run.eval_engine is not None
+        assert len(run.eval_engines) == 2  # each evaluates its half of the problems
         perturb(run.policy, 1)
         run.engine.load_weights(full_tensors(run.policy))  # step 5's weights, synced
         blocking = RecordingLogger()
         LoopEvals(run, blocking).start(5)
         concurrent = RecordingLogger()
-        evals = LoopEvals(run, concurrent, run.eval_engine)
+        evals = LoopEvals(run, concurrent, run.eval_engines)
         evals.start(5)
         perturb(run.policy, 2)  # training goes on while the eval runs
         evals.collect(wait=True)
-        REPORT["weights_by_cuda_ipc"] = float(bool(run.eval_engine._ipc))
+        REPORT["weights_by_cuda_ipc"] = float(all(e._ipc for e in run.eval_engines))
         same = [concurrent.texts[k] == v for k, v in blocking.texts.items()]
         REPORT["identical_eval_texts_frac"] = sum(same) / len(same)
         REPORT["eval_wait_s"] = concurrent.scalars[5]["time/eval_wait_s"]
@@ -93,5 +93,5 @@ def test_a_concurrent_eval_on_vllm_gives_the_records_of_a_blocking_one(random_qw
         REPORT["changed_texts_frac_after_perturbing"] = sum(moved) / len(moved)
         assert sum(moved) / len(moved) >= 0.8
     finally:
-        if run.eval_engine is not None:
-            run.eval_engine.close()
+        for proc in run.eval_engines:
+            proc.close()

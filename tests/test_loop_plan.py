@@ -15,7 +15,7 @@ from rlvr.memory import (
     kv_tokens_wanted,
     model_shape_from_config,
 )
-from rlvr.run_plan import choose_plan, memory_fraction
+from rlvr.run_plan import choose_plan, eval_engine_options, memory_fraction
 
 SHAPE = model_shape_from_config(KNOWN_SHAPES["Qwen/Qwen2.5-0.5B-Instruct"])
 
@@ -30,6 +30,14 @@ def test_an_eval_engine_costs_its_weights_kv_overhead_and_context():
     want = (weights + kv + sampler) / GIB + 1.5 + 0.6 + 0.5  # overhead, context, buffer
     assert engine_processes_gib(SHAPE, wl) == pytest.approx(want)
     assert engine_processes_gib(SHAPE, Workload()) == 0.0
+    # two engines, each evaluating half the problems at 512 sequences: 512 x 662 tokens each
+    two = Workload(eval_seqs=5000, eval_max_tokens=512, eval_engine_seqs=512, eval_engines=2)
+    assert eval_engine_kv_tokens(two) == 338_944
+    each = (weights + 338_944 * 24 * 2 * 2 * 64 * 2 + 512 * 151_936 * 4) / GIB + 1.5 + 0.6
+    assert engine_processes_gib(SHAPE, two) == pytest.approx(2 * each + 0.5)
+    # a share smaller than the concurrency caps it: 10 problems x 4 samples over 2 engines
+    small = Workload(eval_seqs=40, eval_max_tokens=512, eval_engine_seqs=512, eval_engines=2)
+    assert eval_engine_kv_tokens(small) == 20 * 662 + 8  # 13,240 tokens in 16-token blocks
     # one-step-off: the rollout engine's own CUDA context, and the buffer
     assert engine_processes_gib(SHAPE, Workload(async_rollout=True)) == pytest.approx(1.1)
 
@@ -40,14 +48,25 @@ def test_with_an_eval_engine_the_rollout_engines_kv_is_sized_for_the_rollouts_al
     assert kv_tokens_wanted(Workload()) == 512 * (150 + 512)  # the eval at 512 sequences
 
 
-@pytest.mark.parametrize("budget, seqs", [(79, 1024), (26.3, 512), (20, None)])
-def test_auto_takes_an_eval_engine_only_where_the_updates_keep_their_settings(budget, seqs,
-                                                                              tmp_path):
+def test_eval_engine_options_prefer_engines_then_concurrency_and_keep_a_floor(tmp_path):
+    def options(**kw):
+        return eval_engine_options(resolve({"data_dir": str(tmp_path), **kw}))
+
+    assert options() == [(2, 512), (2, 256), (2, 128), (1, 1024), (1, 512), (1, 256)]
+    assert options(eval_engines=3, eval_max_num_seqs=768) == [
+        (3, 256), (3, 128), (2, 384), (2, 192), (1, 768), (1, 384)]
+    assert options(eval_engines=4, eval_max_num_seqs=100) == [(1, 100)]  # one engine always
+
+
+@pytest.mark.parametrize("budget, engines, seqs", [(79, 2, 512), (30, 2, 256), (26.3, 2, 128),
+                                                   (24, 1, 256), (20, 1, None)])
+def test_auto_takes_eval_engines_only_where_the_updates_keep_their_settings(budget, engines,
+                                                                            seqs, tmp_path):
     cfg = resolve({"model_id": "Qwen/Qwen2.5-0.5B-Instruct", "gpu_memory_gb": budget,
                    "data_dir": str(tmp_path)})
     plan, _ = choose_plan(cfg, 1250)
     alone, _ = choose_plan(resolve({**cfg.to_json(), "concurrent_eval": "false"}), 1250)
-    assert plan.eval_engine_seqs == seqs
+    assert (plan.eval_engines, plan.eval_engine_seqs) == (engines, seqs)
     assert (plan.sleep, plan.micro_batch_tokens) == (alone.sleep, alone.micro_batch_tokens)
     if seqs:
         assert plan.rollout_gib["engine_processes"] > 0 and plan.eval_kv_cache_bytes > 0
@@ -57,10 +76,11 @@ def test_asked_for_an_eval_engine_is_planned_or_refused_and_the_cap_leaves_it_ro
     base = {"model_id": "Qwen/Qwen2.5-0.5B-Instruct", "data_dir": str(tmp_path)}
     plan, _ = choose_plan(resolve({**base, "gpu_memory_gb": 20, "concurrent_eval": "true"}),
                           1250)
-    assert plan.eval_engine_seqs in (256, 512, 1024)
+    assert plan.eval_engine_seqs in (128, 256, 512, 1024)
     async_plan, _ = choose_plan(resolve({**base, "gpu_memory_gb": 79, "async_rollout": True}),
                                 1250)
-    assert async_plan.eval_engine_seqs == 1024 and not async_plan.sleep
+    assert (async_plan.eval_engines, async_plan.eval_engine_seqs) == (2, 512)
+    assert not async_plan.sleep
     # the trainer's own cap leaves the card's share of the engine processes to them (and adds
     # back vLLM's sleeping pool, which torch still counts)
     r = plan.rollout_gib
