@@ -97,6 +97,7 @@ def run_records(study: Path) -> list[dict]:
             "failed": end.get("rc") not in (None, 0) and not end.get("stopped"),
             "ready": ready_t, "step_spans": step_spans(lines, ready_t),
             "n_steps": n, "eval_every": every,
+            "eval_engines": (cfg.get("memory_plan") or {}).get("eval_engines", 1),
             "n_evals": len({0, n, *range(every, n + 1, every)} if every else {0, n}),
             "step_s": [x["time/step_s"] for x in lines if "time/step_s" in x],
             "eval_s": [(x["step"], x["time/eval_s"]) for x in lines if "time/eval_s" in x],
@@ -200,12 +201,13 @@ def usable(k: int, runs: list[dict]) -> str | None:
 
 
 def settings(runs: list[dict], card_gib: float, extra: list[str]) -> dict:
-    """What a measurement was made with: its runs' steps, eval interval and eval problems (as
-    their config.json and metrics say), the card it was planned for and the flags passed (as
-    given here); entries that differ in any of these are not merged."""
+    """What a measurement was made with: its runs' steps, eval interval, eval problems and
+    concurrent eval engines (as their config.json and metrics say), the card it was planned for
+    and the flags passed (as given here); entries that differ in any of these are not merged."""
     first = min(runs, key=lambda r: r["start"])
     return {"card_gib": card_gib, "steps": first["n_steps"], "eval_every": first["eval_every"],
             "eval_problems": max((r["eval_problems"] or 0) for r in runs) or None,
+            "eval_engines": max(r.get("eval_engines", 1) for r in runs),
             "extra_flags": extra}
 
 

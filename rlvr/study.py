@@ -340,9 +340,12 @@ def read_packing_table(path: Path = PACKING_TABLE) -> dict[str, dict]:
     return {m["model"]: m for m in data.get("measurements", [])}
 
 
-def auto_per_card(model: str, fits: int, table: dict[str, dict]) -> tuple[int, str]:
+def auto_per_card(model: str, fits: int, table: dict[str, dict],
+                  projected: dict[int, float] | None = None) -> tuple[int, str]:
     """Runs per card for --runs_per_gpu auto: the measured count with the best aggregate
-    throughput (a larger count only for >= 5% more) that fits; 1 until measured."""
+    throughput (a larger count only for >= 5% more) that fits; 1 until measured. `projected`
+    ({k: aggregate}, rlvr.study_schedule.projected_aggregates) replaces the measurement's own
+    aggregates: those of the study's runs, which may be longer than the measured ones."""
     entry = table.get(short_name(model))
     if not entry:
         return 1, (f"no measured packing for {short_name(model)} (bench/packing.py measures "
@@ -350,11 +353,15 @@ def auto_per_card(model: str, fits: int, table: dict[str, dict]) -> tuple[int, s
     per = {int(k): v for k, v in entry["per_card"].items() if int(k) <= fits}
     if not per:
         return 1, f"{short_name(model)}: no measured count fits the card: 1 run per card"
+    gain = {k: (projected or {}).get(k, v["aggregate"]) for k, v in per.items()}
     best = 1
     for k in sorted(per):
-        if per[k]["aggregate"] >= 1.05 * per.get(best, {"aggregate": 1.0})["aggregate"]:
+        if gain[k] >= 1.05 * gain.get(best, 1.0):
             best = k
-    cut = "; runs cut short, projected to their end" if any(
-        per[k].get("estimated") for k in {1, best} & set(per)) else ""
-    return best, (f"{short_name(model)}: {best} per card, {per[best]['aggregate']:.2f}x the "
-                  f"throughput of 1 (measured on {entry.get('card', 'a card')}{cut})")
+    # an entry says how it was estimated where it was not cut by a time limit
+    cut = "".join(f"; {per[k].get('estimated_how', 'runs cut short, projected to their end')}"
+                  for k in sorted({1, best} & set(per)) if per[k].get("estimated"))
+    basis = ("projected for this study's runs from runs measured" if projected
+             else "measured")
+    return best, (f"{short_name(model)}: {best} per card, {gain[best]:.2f}x the "
+                  f"throughput of 1 ({basis} on {entry.get('card', 'a card')}{cut})")

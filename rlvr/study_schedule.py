@@ -117,16 +117,21 @@ def share_candidates(model: str, runs_per_gpu: str, table: dict) -> list[int]:
 
 
 def per_card_counts(fits: dict[str, int], refusals: dict[str, tuple[int, str]],
-                    card_gib: float, runs_per_gpu: str,
-                    table: dict) -> tuple[dict[str, int], list[str]]:
+                    card_gib: float, runs_per_gpu: str, table: dict,
+                    probes: dict[str, Job] | None = None) -> tuple[dict[str, int], list[str]]:
     """{model: runs per card} and notes, from how many of each model's runs fit on a card
     (`fits`: each with its 1/k share, by MATH_experiment.py's own memory plan at that budget)
     and why the next count did not (`refusals`: k, the plan's error); StudyError when the
-    count given cannot fit."""
+    count given cannot fit. `auto` judges the counts by the throughput projected for a run
+    like `probes[model]` where the table allows, else by the measurement's own."""
     counts, notes = {}, []
     for model, fit in fits.items():
         if runs_per_gpu == "auto":
-            counts[model], note = auto_per_card(model, fit, table)
+            measured = table.get(short_name(model), {}).get("per_card", {})
+            projected = (projected_aggregates(probes[model], table,
+                                              sorted(int(k) for k in measured if int(k) > 1))
+                         if probes and model in probes else {})
+            counts[model], note = auto_per_card(model, fit, table, projected)
             notes.append(f"--runs_per_gpu auto: {note}")
             continue
         k = int(runs_per_gpu)
@@ -166,6 +171,33 @@ def share_fits(runs: list[RunSpec], args: dict[str, list[str]], card_gib: float,
                 break
             fits[model] = k
     return fits, refusals, answers
+
+
+def _probe_job(r: RunSpec, plan: RunPlan) -> Job:
+    """A run's length and evals as a Job, to project its time at each count per card."""
+    cfg = plan.config
+    return Job(r.name, "train", EXPERIMENT, [], Path(), r.model,
+               n_steps=int(cfg.get("n_train_steps", 0)), eval_every=int(cfg.get("eval_every", 0)),
+               eval_problems=plan.eval_problems)
+
+
+def projected_aggregates(job: Job, table: dict, counts: list[int]) -> dict[int, float]:
+    """Throughput of k runs on a card against one, for runs of this job's length and evals,
+    projected from the table (job_seconds) for each measured k; {} when one alone or a count is
+    not measured. A short measurement's own aggregate overstates packing for a longer run:
+    the fixed start-up, overlapped when packed, weighs less there."""
+    measured = table.get(short_name(job.model), {}).get("per_card", {})
+    if not all("s_per_step" in measured.get(str(k), {}) for k in (1, *counts)):
+        return {}  # an entry without step times (a hand-written table) keeps its aggregates
+    one = job_seconds(job, table, 1)
+    if not one:
+        return {}
+    out = {1: 1.0}
+    for k in counts:
+        if (seconds := job_seconds(job, table, k)) is None:
+            return {}
+        out[k] = round(k * one / seconds, 2)
+    return out
 
 
 def train_jobs(spec: StudySpec, runs: list[RunSpec], study_dir: Path,
@@ -326,7 +358,8 @@ def plan_study(spec: StudySpec, study_dir: Path, cards: list[Card] | None,
             runs_per_gpu = "1"
         fits, refusals, shared = share_fits(runs, args, card_gib, runs_per_gpu, table,
                                             ask_workers)
-        counts, notes = per_card_counts(fits, refusals, card_gib, runs_per_gpu, table)
+        probes = {r.model: _probe_job(r, plans[r.name]) for r in runs}
+        counts, notes = per_card_counts(fits, refusals, card_gib, runs_per_gpu, table, probes)
         for r in runs:  # a run sharing its card is planned, and ordered, at its share
             if (k := counts[r.model]) > 1:
                 plans[r.name] = dataclasses.replace(shared[(plan_key(args[r.name]), k)],

@@ -4,6 +4,7 @@ run-directory protocol) through packing, staggering, retries and a stop."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import signal
@@ -38,6 +39,7 @@ from rlvr.study_schedule import (
     job_seconds,
     per_card_counts,
     plan_study,
+    projected_aggregates,
     share_candidates,
     simulate,
     visible_cards,
@@ -139,6 +141,9 @@ def test_runs_per_card_follow_the_plan_at_the_share_and_the_measured_table():
     assert "cut short" not in auto_per_card("a/M-0.5B", 2, table)[1]
     table["M-0.5B"]["per_card"]["2"]["estimated"] = True
     assert "cut short" in auto_per_card("a/M-0.5B", 2, table)[1]
+    table["M-0.5B"]["per_card"]["1"].update(estimated=True, estimated_how="start-up borrowed")
+    why = auto_per_card("a/M-0.5B", 2, table)[1]
+    assert why.index("start-up borrowed") < why.index("cut short")  # each, in count order
     assert share_candidates("a/M-0.5B", "auto", table) == [2, 3, 4]
     assert share_candidates("a/M-3B", "auto", table) == []  # not measured: 1 per card
     assert share_candidates("a/M-3B", "3", table) == [3]
@@ -390,3 +395,26 @@ def test_auto_gives_a_run_of_whole_cards_no_card_mates(tiny_model_dir, tiny_data
     whole = plan_study(spec_, tmp_path / "st", cards, 12.0, "auto", 2, ask_workers=2)
     assert whole.counts == {str(tiny_model_dir): 1}
     assert all(j.share == 1.0 and j.gpus == 2 for j in whole.jobs)
+
+
+def test_auto_judges_packing_by_the_studys_own_run_length():
+    """A 20-step measurement's aggregate counts the overlapped start-up more than an 80-step
+    run does; auto projects each count for the study's runs (job_seconds) instead."""
+    def entry(step_s, final_s, aggregate):
+        return {"s_per_step": step_s, "eval_s": 40.0, "eval_wait_s": 0.0, "final_eval_s": final_s,
+                "fixed_s": 60.0, "concurrent_evals": True, "aggregate": aggregate}
+
+    table = {"M-0.5B": {"card": "H200", "eval_every": 10, "eval_problems": 100, "per_card": {
+        "1": entry(4.0, 30.0, 1.0), "2": entry(8.0, 40.0, 1.5)}}}
+    long = Job("r", "train", Path("x"), [], Path("r"), "a/M-0.5B", n_steps=80, eval_every=10,
+               eval_problems=100)
+    short = dataclasses.replace(long, n_steps=20)
+    # 1: 60 + 80 x 4 + 30 = 410 s (no eval waits); 2: 60 + 80 x 8 + 40 = 740 s, a pair
+    assert projected_aggregates(long, table, [2]) == {1: 1.0, 2: round(2 * 410 / 740, 2)}
+    assert projected_aggregates(short, table, [2]) == {1: 1.0, 2: round(2 * 170 / 260, 2)}
+    assert projected_aggregates(long, table, [2, 3]) == {}  # 3 per card not measured
+    table["M-0.5B"]["per_card"]["2"] = entry(9.0, 40.0, 1.5)  # 820 s a pair: no gain at 80
+    counts, notes = per_card_counts({"a/M-0.5B": 2}, {}, 79.0, "auto", table,
+                                    {"a/M-0.5B": long})
+    assert counts == {"a/M-0.5B": 1} and "projected for this study's runs" in notes[0]
+    assert per_card_counts({"a/M-0.5B": 2}, {}, 79.0, "auto", table)[0] == {"a/M-0.5B": 2}
