@@ -203,8 +203,10 @@ class Workload:
     async_rollout: bool = False
 
     @property
-    def eval_seqs_per_engine(self) -> int:
-        return -(-self.eval_seqs // max(self.eval_engines, 1))
+    def eval_engine_concurrency(self) -> int:
+        """Sequences one concurrent eval engine decodes at once: at most its share of the eval."""
+        share = -(-self.eval_seqs // max(self.eval_engines, 1))
+        return min(self.eval_engine_seqs or 0, share)
 
     @property
     def max_model_len(self) -> int:
@@ -323,8 +325,8 @@ def kv_tokens_wanted(wl: Workload) -> int:
 
 def eval_engine_kv_tokens(wl: Workload) -> int:
     """One concurrent eval engine's KV cache: its decode concurrency at typical length."""
-    seqs = min(wl.eval_engine_seqs or 0, wl.eval_seqs_per_engine)
-    return _blocks(max(seqs * (wl.typical_prompt_tokens + wl.eval_max_tokens), wl.max_model_len))
+    seq = wl.typical_prompt_tokens + wl.eval_max_tokens
+    return _blocks(max(wl.eval_engine_concurrency * seq, wl.max_model_len))
 
 
 def engine_processes_gib(shape: ModelShape, wl: Workload) -> float:
@@ -334,10 +336,9 @@ def engine_processes_gib(shape: ModelShape, wl: Workload) -> float:
     trainer's one transfer buffer for all of them."""
     gib = 0.0
     if wl.eval_engine_seqs:
-        seqs = min(wl.eval_engine_seqs, wl.eval_seqs_per_engine)
         gib += wl.eval_engines * (
             (shape.n_params * BF16_BYTES + eval_engine_kv_tokens(wl) * shape.kv_bytes_per_token
-             + seqs * shape.vocab * SAMPLER_LOGIT_BYTES) / GIB
+             + wl.eval_engine_concurrency * shape.vocab * SAMPLER_LOGIT_BYTES) / GIB
             + VLLM_OVERHEAD_GIB + CUDA_CONTEXT_GIB)
     if wl.async_rollout:
         gib += CUDA_CONTEXT_GIB

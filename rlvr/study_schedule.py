@@ -173,14 +173,6 @@ def share_fits(runs: list[RunSpec], args: dict[str, list[str]], card_gib: float,
     return fits, refusals, answers
 
 
-def _probe_job(r: RunSpec, plan: RunPlan) -> Job:
-    """A run's length and evals as a Job, to project its time at each count per card."""
-    cfg = plan.config
-    return Job(r.name, "train", EXPERIMENT, [], Path(), r.model,
-               n_steps=int(cfg.get("n_train_steps", 0)), eval_every=int(cfg.get("eval_every", 0)),
-               eval_problems=plan.eval_problems)
-
-
 def projected_aggregates(job: Job, table: dict, counts: list[int]) -> dict[int, float]:
     """Throughput of k runs on a card against one, for runs of this job's length and evals,
     projected from the table (job_seconds) for each measured k; {} when one alone or a count is
@@ -358,7 +350,9 @@ def plan_study(spec: StudySpec, study_dir: Path, cards: list[Card] | None,
             runs_per_gpu = "1"
         fits, refusals, shared = share_fits(runs, args, card_gib, runs_per_gpu, table,
                                             ask_workers)
-        probes = {r.model: _probe_job(r, plans[r.name]) for r in runs}
+        # each model's run as one alone on a card would be: its length and evals
+        probes = {j.model: j for j in train_jobs(spec, runs, study_dir, plans, None, card_gib,
+                                                 gpus_per_run)}
         counts, notes = per_card_counts(fits, refusals, card_gib, runs_per_gpu, table, probes)
         for r in runs:  # a run sharing its card is planned, and ordered, at its share
             if (k := counts[r.model]) > 1:

@@ -90,3 +90,23 @@ def test_asked_for_an_eval_engine_is_planned_or_refused_and_the_cap_leaves_it_ro
     assert memory_fraction(async_plan, 80, async_rollout=True) == pytest.approx(
         (79 - async_plan.rollout_gib["engine_processes"] - async_plan.rollout_gib["vllm_weights"]
          - async_plan.rollout_gib["kv_cache"] - async_plan.rollout_gib["vllm_overhead"]) / 80)
+
+
+def test_each_eval_engine_gets_its_share_of_the_graders_and_the_plans_sizes(monkeypatch,
+                                                                            tmp_path):
+    import rlvr.engine_process as engine_process
+    from rlvr.run_plan import Resolved
+    from rlvr.run_setup import start_eval_engines
+
+    class Recorder:  # stands in for the process start; only the specs are looked at
+        def __init__(self, spec):
+            self.spec = spec
+
+    monkeypatch.setattr(engine_process, "EngineProcess", Recorder)
+    mem = Resolved("adamw", False, 8192, eval_engine_seqs=512, eval_kv_cache_bytes=7 << 30,
+                   eval_engines=2)
+    cfg = resolve({"data_dir": str(tmp_path), "grader_workers": 5})
+    specs = [p.spec for p in start_eval_engines(cfg, mem, "m")]
+    assert [(s.grader, s.grader_workers, s.max_num_seqs, s.kv_cache_bytes) for s in specs] == [
+        (True, 2, 512, 7 << 30)] * 2
+    assert start_eval_engines(cfg, Resolved("adamw", False, 8192), "m") == []  # none planned
