@@ -6,8 +6,7 @@
 
 Each config "E:S" starts E engine processes as the concurrent eval engine is started
 (rlvr.engine_process.EngineProcess with a grader; S sequences at once each, the KV cache the
-memory plan gives an engine of S sequences, vLLM's engine core in a process of its own; "E:S:inproc"
-keeps the core in the engine process), warms each up on a few problems, then sends every
+memory plan gives an engine of S sequences), warms each up on a few problems, then sends every
 engine its share of the problems (interleaved) at the same moment and times until the last answer.
 Prints, per config: engine start-up, the eval's wall time, tokens/s, and the mean GPU utilization
 nvidia-smi reported during the eval. If one engine's per-step CPU work sets the pace, E engines
@@ -32,18 +31,14 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 from bench.models import build_random_qwen, math_texts  # noqa: E402
 
 
-def parse_config(text: str) -> tuple[int, int, bool]:
-    parts = text.split(":")
+def parse_config(text: str) -> tuple[int, int]:
     try:
-        engines, seqs = int(parts[0]), int(parts[1])
-        if len(parts) > 3 or parts[2:] not in ([], ["core"], ["inproc"]):
-            raise ValueError
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected ENGINES:SEQS[:core|:inproc], e.g. 2:512") from None
+        engines, seqs = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ENGINES:SEQS, e.g. 2:512") from None
     if engines < 1 or seqs < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: both numbers must be >= 1")
-    return engines, seqs, parts[2:] != ["inproc"]
+    return engines, seqs
 
 
 class UtilSampler:
@@ -70,6 +65,7 @@ class UtilSampler:
 
 
 def gpu_processes() -> list[tuple[int, int]]:
+    """Which processes hold GPU memory, and how much (nvidia-smi); none without a GPU."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                               "--format=csv,noheader,nounits"], capture_output=True, text=True)
@@ -79,8 +75,7 @@ def gpu_processes() -> list[tuple[int, int]]:
             if line.strip()]
 
 
-def run_config(engines: int, seqs: int, core: bool, model_dir: str, problems, shape,
-               args) -> dict:
+def run_config(engines: int, seqs: int, model_dir: str, problems, shape, args) -> dict:
     from rlvr.engine_process import EngineProcess, EngineSpec
     from rlvr.memory import Workload, eval_engine_kv_tokens
 
@@ -92,14 +87,13 @@ def run_config(engines: int, seqs: int, core: bool, model_dir: str, problems, sh
     procs = [EngineProcess(EngineSpec(backend=args.backend, model_dir=model_dir,
                                       max_model_len=1024 + args.max_tokens, seed=0,
                                       max_num_seqs=seqs, kv_cache_bytes=kv, grader=True,
-                                      grader_workers=args.grader_workers,
-                                      core_process=core))
+                                      grader_workers=args.grader_workers))
              for _ in range(engines)]
     try:
         for p in procs:
             p.wait_ready()
         start_s = time.perf_counter() - t0
-        apps = gpu_processes()  # which processes hold GPU memory: an engine core apart, or not
+        apps = gpu_processes()
         print(f"[bench] GPU processes (pid, MiB): {apps}", flush=True)
         params = dict(n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=0)
         warm = [p.submit("eval", problems=problems[:16], **params) for p in procs]
@@ -117,12 +111,12 @@ def run_config(engines: int, seqs: int, core: bool, model_dir: str, problems, sh
         for p in procs:
             p.close()
     tokens = sum(r.n_tokens for r in results)
-    row = {"engines": engines, "seqs": seqs, "core_process": core, "gpu_processes_mib": apps,
-           "kv_gib_each": kv / 2**30, "start_s": start_s, "wall_s": wall, "tokens": tokens,
-           "tok_s": tokens / wall, "gpu_util": mean_util,
+    row = {"engines": engines, "seqs": seqs, "gpu_processes_mib": apps, "kv_gib_each": kv / 2**30,
+           "start_s": start_s, "wall_s": wall, "tokens": tokens, "tok_s": tokens / wall,
+           "gpu_util": mean_util,
            "engine_wall_s": [r.wall_s for r in results]}
-    print(f"[bench] {engines} x {seqs}{'' if core else ' inproc'}: start {start_s:.1f} s, "
-          f"eval {wall:.1f} s, {row['tok_s']:.0f} tok/s, GPU util {mean_util:.0f}%", flush=True)
+    print(f"[bench] {engines} x {seqs}: start {start_s:.1f} s, eval {wall:.1f} s, "
+          f"{row['tok_s']:.0f} tok/s, GPU util {mean_util:.0f}%", flush=True)
     return row
 
 
@@ -131,9 +125,8 @@ def main() -> None:
     ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B"))
     ap.add_argument("--data_dir", default="data/math_subset")
     ap.add_argument("--model_root", default="/tmp/rlvr_models")
-    ap.add_argument("--configs", nargs="+", type=parse_config,
-                    default=[(2, 512, False), (2, 512, True)],
-                    help="ENGINES:SEQS[:core|:inproc] each (core: the default), in this order")
+    ap.add_argument("--configs", nargs="+", type=parse_config, default=[(1, 1024), (2, 512)],
+                    help="ENGINES:SEQS each, run in this order")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max_tokens", type=int, default=512)
     ap.add_argument("--grader_workers", type=int, default=2)
@@ -154,13 +147,12 @@ def main() -> None:
     enc = encode_problems(load_subset(args.data_dir, "test"), tok, "paper", 1024)
     problems = problems_from_rows(enc.rows, enc.prompt_ids, "math_subset")[:args.limit]
     shape = model_shape_from_config(json.loads((Path(model_dir) / "config.json").read_text()))
-    rows = [run_config(e, s, c, model_dir, problems, shape, args) for e, s, c in args.configs]
+    rows = [run_config(e, s, model_dir, problems, shape, args) for e, s in args.configs]
     print(f"\n{len(problems)} problems x {args.n} x {args.max_tokens} tokens, {args.shape}")
-    print(f"{'engines x seqs':>22} {'start s':>8} {'eval s':>7} {'tok/s':>8} {'GPU %':>6}")
+    print(f"{'engines x seqs':>15} {'start s':>8} {'eval s':>7} {'tok/s':>8} {'GPU %':>6}")
     for r in rows:
-        core = "core apart" if r["core_process"] else "in-process"
-        print(f"{r['engines']:>3} x {r['seqs']:<5} {core:>11} {r['start_s']:>8.1f} "
-              f"{r['wall_s']:>7.1f} {r['tok_s']:>8.0f} {r['gpu_util']:>6.0f}")
+        print(f"{r['engines']:>6} x {r['seqs']:<6} {r['start_s']:>8.1f} {r['wall_s']:>7.1f} "
+              f"{r['tok_s']:>8.0f} {r['gpu_util']:>6.0f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=1))
 

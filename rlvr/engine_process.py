@@ -38,7 +38,6 @@ class EngineSpec:
     grader: bool = False
     grader_workers: int | None = None
     grade_timeout_s: float = 5.0
-    core_process: bool = False  # vLLM: its engine core in a process of its own (VLLMEngine)
     env: dict[str, str] = field(default_factory=dict)  # set before anything is imported there
 
 
@@ -207,28 +206,6 @@ class EngineProcess:
 # ----------------------------------------------------------------------------- the engine side
 
 
-_MAPPED: dict[bytes, torch.Tensor] = {}  # the IPC buffers this process has mapped, by handle
-
-
-def map_ipc_buffer(handle: tuple) -> torch.Tensor:
-    """Another process's CUDA tensor (torch's `reduce_tensor` arguments), mapped once here."""
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-    key = handle[7]  # the storage's IPC handle
-    if key not in _MAPPED:
-        args = list(handle)
-        args[6] = torch.cuda.current_device()  # the storage device, as numbered here
-        _MAPPED[key] = rebuild_cuda_tensor(*args)
-    return _MAPPED[key]
-
-
-def ipc_views(buf: torch.Tensor, chunk: list) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) views of a chunk written into a transfer buffer: (name, byte offset, bytes,
-    dtype name, shape) each."""
-    return [(name, buf[start:start + size].view(getattr(torch, dtype)).view(shape))
-            for name, start, size, dtype, shape in chunk]
-
-
 def _serve(conn, spec: EngineSpec) -> None:
     """The engine process: build the engine, then answer requests until told to close."""
     os.environ.update(spec.env)
@@ -242,13 +219,14 @@ def _serve(conn, spec: EngineSpec) -> None:
         return
     dtype = None if engine.name == "hf" else torch.bfloat16
     conn.send(("done", 0, (engine.name, dtype)))
+    buffers: dict = {}
     try:
         while True:
             kind, ticket, payload = conn.recv()
             if kind == "close":
                 return
             try:
-                conn.send(("done", ticket, _answer(engine, grader, kind, payload)))
+                conn.send(("done", ticket, _answer(engine, grader, buffers, kind, payload)))
             except Exception:  # noqa: BLE001 - the trainer decides what a failure means
                 conn.send(("error", ticket, traceback.format_exc()))
     except (EOFError, KeyboardInterrupt):  # the trainer is gone, or stopping
@@ -268,14 +246,13 @@ def _build(spec: EngineSpec):
     engine = make_engine(spec.backend, spec.model_dir, tokenizer,
                          engine_eos_ids(spec.model_dir, tokenizer),
                          max_model_len=spec.max_model_len, seed=spec.seed,
-                         max_num_seqs=spec.max_num_seqs, kv_cache_bytes=spec.kv_cache_bytes,
-                         core_process=spec.core_process)
+                         max_num_seqs=spec.max_num_seqs, kv_cache_bytes=spec.kv_cache_bytes)
     grader = (BatchGrader(num_workers=spec.grader_workers, timeout_s=spec.grade_timeout_s)
               if spec.grader else None)
     return engine, grader
 
 
-def _answer(engine, grader, kind: str, payload: dict):
+def _answer(engine, grader, buffers: dict, kind: str, payload: dict):
     if kind == "generate":
         return engine.generate(**payload)
     if kind == "eval":
@@ -287,17 +264,18 @@ def _answer(engine, grader, kind: str, payload: dict):
     if kind == "weights":
         _load(engine, payload["tensors"])
         return None
-    if kind in ("weights_ipc", "ipc_probe") and engine.name == "vllm":
-        # mapped where vLLM's worker runs: here, or in its engine core's process
-        if kind == "ipc_probe":
-            return engine.ipc_probe(payload["handle"])
-        engine.load_ipc_chunk(payload["handle"], payload["chunk"])
-        return None
     if kind in ("weights_ipc", "ipc_probe"):
-        buf = map_ipc_buffer(payload["handle"])  # the trainer's one buffer, mapped once
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        if "ipc" not in buffers:  # the trainer's one buffer, mapped once
+            args = list(payload["handle"])
+            args[6] = torch.cuda.current_device()  # the storage device, as numbered here
+            buffers["ipc"] = rebuild_cuda_tensor(*args)
+        buf = buffers["ipc"]
         if kind == "ipc_probe":  # the trainer wrote 0..7 there
             return int(buf[:8].sum())
-        _load(engine, ipc_views(buf, payload["chunk"]))
+        _load(engine, [(name, buf[start:start + size].view(getattr(torch, dtype)).view(shape))
+                       for name, start, size, dtype, shape in payload["chunk"]])
         torch.cuda.synchronize()  # copied out before the trainer writes the next chunk
         return None
     raise ValueError(f"unknown request {kind!r}")

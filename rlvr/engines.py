@@ -220,14 +220,12 @@ def make_engine(backend: str, model_dir: str, tokenizer, eos_ids: list[int], *,
                 policy: torch.nn.Module | None = None, max_model_len: int, seed: int,
                 max_num_seqs: int = 512, sleep_mode: bool = False,
                 kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None,
-                tensor_parallel: int = 1, distributed: bool = False,
-                core_process: bool = False) -> RolloutEngine:
+                tensor_parallel: int = 1, distributed: bool = False) -> RolloutEngine:
     """The rollout engine for `backend` ("auto": vLLM where CUDA and the vllm package are
     present, else HF). HF samples with `policy` (loaded from `model_dir` when not given: fp32 on
     CPU, bf16 autocast on a GPU). vLLM loads `model_dir` in bf16; `kv_cache_bytes` or
     `gpu_mem_util` size it (see VLLMEngine); `distributed` makes it one engine per rank of a
-    torchrun job (`tensor_parallel` consecutive ranks sharing one, see VLLMEngine);
-    `core_process` puts vLLM's engine core in a process of its own (VLLMEngine; no effect on HF)."""
+    torchrun job (`tensor_parallel` consecutive ranks sharing one, see VLLMEngine)."""
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
     if backend == "hf":
@@ -246,5 +244,4 @@ def make_engine(backend: str, model_dir: str, tokenizer, eos_ids: list[int], *,
     return VLLMEngine(model_dir, tokenizer, eos_ids, max_model_len=max_model_len, seed=seed,
                       max_num_seqs=max_num_seqs, sleep_mode=sleep_mode,
                       kv_cache_bytes=kv_cache_bytes, gpu_mem_util=gpu_mem_util,
-                      tensor_parallel=tensor_parallel, distributed=distributed,
-                      core_process=core_process)
+                      tensor_parallel=tensor_parallel, distributed=distributed)

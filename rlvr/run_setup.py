@@ -138,10 +138,7 @@ def start_engine_process(cfg: Config, mem: Resolved, model_dir: str, *, evals: b
         seed=cfg.seed, max_num_seqs=mem.eval_engine_seqs if evals else cfg.vllm_max_num_seqs,
         kv_cache_bytes=mem.eval_kv_cache_bytes if evals else mem.kv_cache_bytes,
         grader=evals, grader_workers=max(1, graders // mem.eval_engines),
-        grade_timeout_s=cfg.grade_timeout_s,
-        # an eval's hundreds of sequences decode faster with vLLM's engine core apart; a
-        # rollout's tens do not (docs/PERFORMANCE.md)
-        core_process=evals))
+        grade_timeout_s=cfg.grade_timeout_s))
 
 
 def start_eval_engines(cfg: Config, mem: Resolved, model_dir: str) -> list:

@@ -1,8 +1,6 @@
 """vLLM rollout engine colocated with the HF policy on its GPU (vLLM 0.25, V1 engine in-process).
 
-Weights are pushed in place through `collective_rpc` (same process, no serialisation, no disk), or
-from another process's buffer by CUDA IPC (rlvr.engine_process: the engine core may then run in a
-process of its own), and
+Weights are pushed in place through `collective_rpc` (same process, no serialisation, no disk), and
 the prefix cache is reset after every push: KV blocks computed with the old weights would otherwise
 be served to the new policy. With `--vllm_sleep`, the engine drops weights and KV cache (level 2)
 while the policy trains and wakes in the order weights -> load -> KV cache.
@@ -17,7 +15,6 @@ part they were all given alike is generated once).
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from collections.abc import Iterable
 
@@ -53,55 +50,19 @@ def _load_weights_on_worker(worker, weights):
     worker.get_model().load_weights(weights)
 
 
-def _ipc_probe_on_worker(worker, payload: bytes):
-    from rlvr.engine_process import map_ipc_buffer
-
-    return int(map_ipc_buffer(pickle.loads(payload))[:8].sum())  # the writer put 0..7 there
-
-
-def _load_ipc_chunk_on_worker(worker, payload: bytes):
-    """Runs inside the engine's worker, in this process or the engine core's: copy a chunk out of
-    the writer's transfer buffer into the model, done before the writer reuses the buffer."""
-    from rlvr.engine_process import ipc_views, map_ipc_buffer
-
-    handle, chunk = pickle.loads(payload)
-    worker.get_model().load_weights(ipc_views(map_ipc_buffer(handle), chunk))
-    torch.cuda.synchronize()
-
-
-def _die_with_parent_on_worker(worker):
-    """An engine core process of its own ends when the process that started it does, however
-    that one ends (PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, tokenizer, eos_ids: list[int], *, max_model_len: int,
                  seed: int, max_num_seqs: int = 512, sleep_mode: bool = False,
                  kv_cache_bytes: int | None = None, gpu_mem_util: float | None = None,
-                 tensor_parallel: int = 1, distributed: bool = False,
-                 core_process: bool = False):
+                 tensor_parallel: int = 1, distributed: bool = False):
         """`kv_cache_bytes` sizes the KV cache exactly (the memory plan's figure, per GPU);
         without it vLLM takes `gpu_mem_util` of the card for weights + KV cache (0.9 when neither
         is given). `distributed`: one engine per rank of the torchrun job that has already joined
         its process group; `seed` is then this engine's own (base seed + data-parallel rank, the
-        same on the ranks of a tensor-parallel group, which must sample alike).
-
-        `core_process`: vLLM's engine core (scheduler and model) in a process of its own, its
-        steps then overlapping this process's handling of the outputs. That pays at an eval's
-        hundreds of sequences and costs at a rollout's tens (docs/PERFORMANCE.md). Weights then
-        reach the model only through `load_ipc_chunk` (CUDA IPC), never from this process's
-        tensors, and this process never touches the GPU itself."""
+        same on the ranks of a tensor-parallel group, which must sample alike)."""
         pin_triton_cache_dir()
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if core_process else "0"
-        if core_process:  # the IPC handles and the loader function travel pickled to the core
-            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-        self.core_process = core_process
         from vllm import LLM
 
         from rlvr import dist
@@ -137,8 +98,6 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             **launch,
         )
-        if core_process:
-            self.llm.collective_rpc(_die_with_parent_on_worker)
         self.last_sync_s = 0.0
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int,
@@ -179,29 +138,18 @@ class VLLMEngine:
         return [flat[i * n:(i + 1) * n] for i in range(offset, offset + mine)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self.core_process:
-            raise RuntimeError("an engine with its core in a process of its own takes weights "
-                               "by CUDA IPC only (load_ipc_chunk)")
         t0 = time.perf_counter()
-        self._wake_for_weights()
-        # HF parameter names, which vLLM's loader maps (and, tensor-parallel, slices). Passed as
-        # the iterator it is: in-process the RPC hands it over unpickled and the loader takes one
-        # tensor at a time, so at most one copy of a weight is alive at once (a list would hold a
-        # second copy of the model).
-        self.llm.collective_rpc(_load_weights_on_worker, args=(iter(weights),))
-        self._after_weights()
-        torch.cuda.synchronize()
-        self.last_sync_s = time.perf_counter() - t0
-
-    def _wake_for_weights(self) -> None:
         if self.asleep:
             # Hand the blocks the policy's activations left in torch's cache back to the driver:
             # vLLM wakes up in its own allocator and cannot reuse them, and the two together can
             # exceed the card (docs/PERFORMANCE.md). Only in sleep mode, once a step.
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
-
-    def _after_weights(self) -> None:
+        # HF parameter names, which vLLM's loader maps (and, tensor-parallel, slices). Passed as
+        # the iterator it is: in-process the RPC hands it over unpickled and the loader takes one
+        # tensor at a time, so at most one copy of a weight is alive at once (a list would hold a
+        # second copy of the model).
+        self.llm.collective_rpc(_load_weights_on_worker, args=(iter(weights),))
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -209,20 +157,7 @@ class VLLMEngine:
         # (False) while any block is still held by a request; none should be after generate().
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
-
-    # The IPC handles travel pickled: to an engine core of its own they cross a socket (vLLM's
-    # msgpack would turn their tuples into lists and needs a pickle fallback for the rest).
-    def ipc_probe(self, handle: tuple) -> int:
-        """The sum of the first 8 bytes of the writer's buffer, as the engine's worker maps it."""
-        return self.llm.collective_rpc(_ipc_probe_on_worker, args=(pickle.dumps(handle),))[0]
-
-    def load_ipc_chunk(self, handle: tuple, chunk: list) -> None:
-        """Copy one chunk of weights out of another process's transfer buffer into the model
-        (see rlvr.engine_process), in place; the prefix cache is reset after each chunk."""
-        t0 = time.perf_counter()
-        self._wake_for_weights()
-        self.llm.collective_rpc(_load_ipc_chunk_on_worker, args=(pickle.dumps((handle, chunk)),))
-        self._after_weights()
+        torch.cuda.synchronize()
         self.last_sync_s = time.perf_counter() - t0
 
     def sleep(self) -> None:
