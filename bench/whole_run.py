@@ -53,7 +53,9 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
     keys = ("time/step_s", "time/rollout_s", "time/reward_s", "time/train_s", "time/update_s",
             "time/sync_s", "train/response_len", "mem/peak_gb")
     med = {k.replace("/", "_"): statistics.median(ln[k] for ln in timed_steps) for k in keys}
-    eval_s = statistics.median(ln["time/eval_s"] for ln in evals[1:] or evals)
+    # the in-loop evals (the first runs beside the start of training, the others beside its
+    # steps) apart from the last, which ends the run and runs alone
+    eval_s = statistics.median(ln["time/eval_s"] for ln in evals[:-1] or evals)
     # what the trainer spent on each eval: all of it when it waited, the hand-over and any
     # wait for a concurrent one (the last eval, which ends the run, it waits for in full)
     waits = [ln.get("time/eval_wait_s", ln["time/eval_s"]) for ln in evals]
@@ -68,7 +70,8 @@ def summarize(lines: list[dict], wall: float, saves: dict) -> dict:
     after = [p for ln, p in zip(lines[first_eval_after:], proc[first_eval_after:]) if p]
     return {
         "steps": len(steps), "evals": len(evals), "wall_s": wall, "startup_s": startup_s,
-        "final_save_s": save_s, "eval_s": eval_s, "eval_wait_s": wait_s,
+        "final_save_s": save_s, "eval_s": eval_s, "last_eval_s": evals[-1]["time/eval_s"],
+        "eval_wait_s": wait_s,
         "last_eval_wait_s": waits[-1], **med,
         "process_peak_gib": max(proc) if proc else None,
         "process_peak_series_gib": [round(p, 2) for p in proc],
@@ -154,7 +157,8 @@ def main() -> None:
           f"{plan.get('sleep')}, micro-batch {plan.get('micro_batch_tokens')} tokens, planned "
           f"peak {plan.get('planned_peak_gib')} GiB")
     for k in ("time_step_s", "time_rollout_s", "time_reward_s", "time_train_s", "time_update_s",
-              "time_sync_s", "eval_s", "eval_wait_s", "last_eval_wait_s", "startup_s",
+              "time_sync_s", "eval_s", "last_eval_s", "eval_wait_s", "last_eval_wait_s",
+              "startup_s",
               "final_save_s", "train_response_len",
               "mem_peak_gb", "process_peak_gib", "checkpoint_gb", "final_model_gb",
               "projected_80_steps_9_evals_s"):

@@ -99,3 +99,25 @@ def test_only_steps_run_beside_every_other_run_count_as_packed():
     b = record(20.0, 20.0, [4.0] * 10, [1.0], end=70.0)
     assert len(packed_steps([a, b])) == 5 + 3
     assert packed_steps([a]) == []
+
+
+def test_whole_run_summary_keeps_the_last_eval_apart_from_the_in_loop_ones():
+    """bench/whole_run.py: evals of 40 and 42 s beside the steps (waits 0.2 and 0.4 s), the last
+    of 28 s alone; four steps of 4 s; wall 120 s, saves 4 s. eval_s = median(40, 42) = 41,
+    last_eval_s = 28; the loop is 16 + 0.2 + 0.4 + 28 = 44.6 s, start-up 120 - 44.6 - 4 = 71.4;
+    projected 80 x 4 + 8 x 0.3 + 28 + 71.4 + 4 = 425.8 s."""
+    from bench.whole_run import summarize as whole_summary
+
+    def step(i):
+        return {"step": i, "time/step_s": 4.0, "time/rollout_s": 2.0, "time/reward_s": 0.1,
+                "time/train_s": 1.8, "time/update_s": 1.7, "time/sync_s": 0.03,
+                "train/response_len": 512, "mem/peak_gb": 16.0}
+
+    lines = [{"step": 0, "time/eval_s": 40.0, "time/eval_wait_s": 0.2}, step(1), step(2),
+             {"step": 2, "time/eval_s": 42.0, "time/eval_wait_s": 0.4}, step(3), step(4),
+             {"step": 4, "time/eval_s": 28.0}]
+    out = whole_summary(lines, wall=120.0, saves={"save_final_policy": 4.0})
+    assert out["eval_s"] == 41.0 and out["last_eval_s"] == 28.0
+    assert out["eval_wait_s"] == pytest.approx(0.3) and out["last_eval_wait_s"] == 28.0
+    assert out["startup_s"] == pytest.approx(71.4)
+    assert out["projected_80_steps_9_evals_s"] == pytest.approx(425.8)
