@@ -4,17 +4,21 @@ raw `LLM.generate`, with vLLM's engine core in this process (as the run's engine
 process of its own (`--mp`).
 
     python bench/host_profile.py --shape 0.5B --cases rollout rollout_lp eval --out hp.json
-    python bench/host_profile.py --shape 0.5B --mp --out hp_mp.json
-    py-spy record -r 250 --idle -f raw -o prof.txt -- python bench/host_profile.py ...
-    python bench/host_profile.py --summarize prof.txt       # top functions per case, on any machine
+    python bench/host_profile.py --shape 0.5B --mp --profile_dir prof_mp --out hp_mp.json
+    python bench/host_profile.py --summarize prof_mp/eval.txt   # top frames, on any machine
+
+`--profile_dir` runs each case again with py-spy (on PATH) attached to this process (and, with
+--mp, to the engine core's) for --seconds, and writes DIR/<case>.txt (py-spy's raw stacks) and
+DIR/summary.txt. py-spy is attached only then: sampling from the process's start slows vLLM's
+compile several-fold.
 
 Cases (every response exactly --max_tokens long, per-request seeds as the run's are):
   rollout     32 prompts x 2 samples (the default step's 64 sequences), no log-probs
   rollout_lp  the same with the sampled tokens' log-probs (--rollout_is, the logged gap)
   rollout_flat  the same with vLLM's flat log-probs container
   eval        128 problems x 4 samples: one eval engine's 512 sequences
-Each case runs in a function of its own name, so a py-spy profile of the whole process splits by
-case (`--summarize`). Prints ms per decode step of each and writes them to --out.
+Each case runs in a function of its own name, so a profile's stacks say which case they belong to
+(`--summarize`). Prints ms per decode step of each and writes them to --out.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def summarize(path: str, top: int = 25) -> None:
         case = next((f.split(" ")[0][5:] for f in frames if f.startswith("case_")), None)
         if case is None and frames[0].startswith("process "):  # py-spy --subprocesses
             case = "other process " + frames[0].split(":")[0][8:]
-        if case is None:
+        if case is None or any(f.startswith("_wait_for_profiler ") for f in frames):
             continue
         n = int(count)
         totals[case] += n
@@ -60,6 +64,11 @@ def summarize(path: str, top: int = 25) -> None:
         print("-- inclusive")
         for f, n in incl[case].most_common(top + 15):
             print(f"{100 * n / total:5.1f}%  {f}")
+
+
+def _wait_for_profiler() -> None:
+    """py-spy's start-up; its samples here are left out of the summary (by this name)."""
+    time.sleep(1.0)
 
 
 def build_llm(model_dir: str, max_num_seqs: int, max_model_len: int, kv_bytes: int):
@@ -107,7 +116,7 @@ def run_case(llm, prompts: list[list[int]], name: str, max_tokens: int, seconds:
              "--nonblocking", "--format", "raw", "--output", str(out),
              "--duration", str(int(seconds))] + (["--subprocesses"] if mp else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        time.sleep(1.0)
+        _wait_for_profiler()
         reps(seconds)
         spy.wait()
     return {"case": name, "seqs": n_prompts * n, "reps": len(walls), "wall_s": wall,
@@ -115,7 +124,8 @@ def run_case(llm, prompts: list[list[int]], name: str, max_tokens: int, seconds:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B"))
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--mp", action="store_true",
