@@ -150,7 +150,6 @@ def main() -> None:
         Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
         # PR_SET_PTRACER_ANY: py-spy, a child of this process, may read this process's memory
         ctypes.CDLL(None).prctl(0x59616D61, ctypes.c_ulong(-1), 0, 0, 0)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     from bench.models import build_random_qwen, math_texts
     from rlvr.data import load_subset
@@ -158,7 +157,8 @@ def main() -> None:
     from rlvr.prompts import encode_problems
     from rlvr.vllm_engine import pin_triton_cache_dir
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"  # the import sets 0
+    # after that import, which sets 0 (and before vLLM's, which reads it)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.mp else "0"
     pin_triton_cache_dir()
     model_dir = str(build_random_qwen(args.shape, Path(args.model_root) / args.shape,
                                       math_texts(args.data_dir)))
