@@ -121,3 +121,25 @@ def test_whole_run_summary_keeps_the_last_eval_apart_from_the_in_loop_ones():
     assert out["eval_wait_s"] == pytest.approx(0.3) and out["last_eval_wait_s"] == 28.0
     assert out["startup_s"] == pytest.approx(71.4)
     assert out["projected_80_steps_9_evals_s"] == pytest.approx(425.8)
+
+
+def test_host_profile_summary_splits_stacks_by_case_and_leaves_out_the_profilers_start(
+        tmp_path, capsys):
+    """bench/host_profile.py --summarize: 30 + 10 samples in case_eval (30 of them in step), 20 in
+    py-spy's start-up wait (left out), 5 outside any case (left out), 8 in another process (its
+    own group): eval has 40 samples, step 75% of them self, generate 100% inclusive."""
+    from bench.host_profile import summarize as profile_summary
+
+    prof = tmp_path / "prof.txt"
+    prof.write_text(
+        "main (h.py:1);case_eval (h.py:2);generate (llm.py:3);step (core.py:4) 30\n"
+        "main (h.py:1);case_eval (h.py:2);generate (llm.py:3) 10\n"
+        "main (h.py:1);case_eval (h.py:2);run_case (h.py:5);_wait_for_profiler (h.py:9) 20\n"
+        "main (h.py:1);build_llm (h.py:7) 5\n"
+        'process 42:"python core";busy_loop (core.py:1) 8\n')
+    profile_summary(str(prof))
+    out = capsys.readouterr().out
+    assert "== eval: 40 samples" in out
+    assert " 75.0%  step (core.py:4)" in out and "100.0%  generate (llm.py:3)" in out
+    assert "== other process 42: 8 samples" in out
+    assert "_wait_for_profiler" not in out and "build_llm" not in out
