@@ -127,9 +127,8 @@ def per_card_counts(fits: dict[str, int], refusals: dict[str, tuple[int, str]],
     counts, notes = {}, []
     for model, fit in fits.items():
         if runs_per_gpu == "auto":
-            measured = table.get(short_name(model), {}).get("per_card", {})
             projected = (projected_aggregates(probes[model], table,
-                                              sorted(int(k) for k in measured if int(k) > 1))
+                                              share_candidates(model, "auto", table))
                          if probes and model in probes else {})
             counts[model], note = auto_per_card(model, fit, table, projected)
             notes.append(f"--runs_per_gpu auto: {note}")
